@@ -1,0 +1,174 @@
+"""The two kinds of configuration, never mixed.
+
+`EngineConfig` is fixed when the engine starts (model, dtype, device, kernels). `GenerationRequest`
+travels with each request (prompt, size, steps, seed, ...). Requests are validated against the
+model's `ModelDefaults` before any model work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from diffserve.errors import InvalidRequestError
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+MAX_PROMPT_CHARS = 20_000
+MAX_STEPS = 1000
+MAX_OUTPUTS = 16
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise InvalidRequestError(f"unknown dtype {name!r}; accepted: bf16, fp16, fp32", param="dtype") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Per-process settings, fixed at start-up."""
+
+    model_path: str
+    dtype: torch.dtype = torch.bfloat16
+    device: torch.device = field(default_factory=default_device)
+    attention_backend: str | None = None  # None: the fastest one for the device
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model accepts and uses when the request leaves a field out."""
+
+    kind: Literal["image", "video"]
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    size_multiple: int = 16
+    min_size: int = 16
+    max_size: int = 4096
+    max_sequence_length: int = 512
+    num_frames: int | None = None  # video models only
+    min_frames: int = 1
+    max_frames: int = 257
+    fps: int | None = None
+    needs_image: bool = False
+    accepts_image: bool = False
+    uses_negative_prompt: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    """Per-request sampling parameters. None means: the model's default."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_outputs: int = 1
+    num_frames: int | None = None
+    fps: int | None = None
+    image: object | None = None  # PIL image for image-conditioned models
+    max_sequence_length: int | None = None
+
+    def replace(self, **changes: object) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}", param=name)
+    return value
+
+
+def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) -> GenerationRequest:
+    """Fill defaults and validate; raises InvalidRequestError naming the field and the accepted range."""
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
+    if len(req.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError(
+            f"prompt is {len(req.prompt)} characters; at most {MAX_PROMPT_CHARS} accepted", param="prompt"
+        )
+    if req.negative_prompt is not None and not isinstance(req.negative_prompt, str):
+        raise InvalidRequestError("negative_prompt must be a string", param="negative_prompt")
+    height = _check_int("height", req.height if req.height is not None else defaults.height)
+    width = _check_int("width", req.width if req.width is not None else defaults.width)
+    m = defaults.size_multiple
+    for name, v in (("height", height), ("width", width)):
+        if v % m or not defaults.min_size <= v <= defaults.max_size:
+            raise InvalidRequestError(
+                f"{name}={v} is not accepted: it must be a multiple of {m} "
+                f"between {defaults.min_size} and {defaults.max_size}",
+                param=name,
+            )
+    steps = _check_int(
+        "num_inference_steps",
+        req.num_inference_steps if req.num_inference_steps is not None else defaults.num_inference_steps,
+    )
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidRequestError(
+            f"num_inference_steps={steps} is not accepted: it must be between 1 and {MAX_STEPS}",
+            param="num_inference_steps",
+        )
+    guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 100.0:
+        raise InvalidRequestError(
+            f"guidance_scale={guidance!r} is not accepted: it must be a number between 0 and 100",
+            param="guidance_scale",
+        )
+    n = _check_int("num_outputs", req.num_outputs)
+    if not 1 <= n <= MAX_OUTPUTS:
+        raise InvalidRequestError(f"num_outputs={n} is not accepted: it must be between 1 and {MAX_OUTPUTS}",
+                                  param="num_outputs")
+    seed_v = _check_int("seed", req.seed if req.seed is not None else seed)
+    if not 0 <= seed_v < 2**63:
+        raise InvalidRequestError(f"seed={seed_v} is not accepted: it must be between 0 and 2**63-1", param="seed")
+    msl = _check_int("max_sequence_length", req.max_sequence_length or defaults.max_sequence_length)
+    if not 1 <= msl <= defaults.max_sequence_length:
+        raise InvalidRequestError(
+            f"max_sequence_length={msl} is not accepted: it must be between 1 and {defaults.max_sequence_length}",
+            param="max_sequence_length",
+        )
+    frames, fps = None, None
+    if defaults.kind == "video":
+        frames = _check_int("num_frames", req.num_frames if req.num_frames is not None else defaults.num_frames)
+        if (frames - 1) % 4 or not defaults.min_frames <= frames <= defaults.max_frames:
+            raise InvalidRequestError(
+                f"num_frames={frames} is not accepted: it must be 4k+1 between "
+                f"{defaults.min_frames} and {defaults.max_frames} (e.g. 17, 33, 81)",
+                param="num_frames",
+            )
+        fps = _check_int("fps", req.fps if req.fps is not None else defaults.fps)
+        if not 1 <= fps <= 120:
+            raise InvalidRequestError(f"fps={fps} is not accepted: it must be between 1 and 120", param="fps")
+    elif req.num_frames not in (None, 1):
+        raise InvalidRequestError("num_frames is only accepted by video models; this model makes images",
+                                  param="num_frames")
+    if defaults.needs_image and req.image is None:
+        raise InvalidRequestError("this model needs an input image (--image-path / image)", param="image")
+    if req.image is not None and not defaults.accepts_image:
+        raise InvalidRequestError("this model does not take an input image", param="image")
+    return req.replace(
+        height=height, width=width, num_inference_steps=steps, guidance_scale=float(guidance),
+        num_outputs=n, seed=seed_v, num_frames=frames, fps=fps, max_sequence_length=msl,
+    )

@@ -1,0 +1,3 @@
+from diffserve.engine.engine import Engine, GenerationResult
+
+__all__ = ["Engine", "GenerationResult"]

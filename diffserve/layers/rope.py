@@ -1,0 +1,31 @@
+"""Rotary position embeddings as pure functions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_1d(dim: int, pos: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (L, dim) for positions (L,), each frequency repeated twice (interleaved pairs).
+
+    Computed in float64 and returned as float32, as the reference does for FLUX.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim))
+    angles = torch.outer(pos.to(torch.float32), freqs)  # (L, dim/2), float64
+    cos = angles.cos().repeat_interleave(2, dim=1).float()
+    sin = angles.sin().repeat_interleave(2, dim=1).float()
+    return cos, sin
+
+
+def rope_nd(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-axis RoPE: ids (L, n_axes) -> cos, sin (L, sum(axes_dim)), axes concatenated."""
+    parts = [rope_1d(d, ids[:, i], theta) for i, d in enumerate(axes_dim)]
+    return torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved (real, imag) pairs. x (B, L, H, D); cos/sin (L, D) float32."""
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -1,0 +1,231 @@
+"""FLUX.1 transformer (dev and schnell): 19 double-stream blocks, 38 single-stream blocks, 3-axis RoPE.
+
+Parameter names follow the diffusers `FluxTransformer2DModel` checkpoints so they load with
+strict=True. Shapes are written at the boundaries: B batch, T text tokens, N image tokens, C channels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffserve.layers.attention import AttentionOp
+from diffserve.layers.embeddings import FeedForward, MLPEmbedder, timestep_features
+from diffserve.layers.rope import apply_rope_interleaved, rope_nd
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "FluxConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
+        if unknown:
+            raise ValueError(f"FluxConfig: unknown config keys {unknown}")
+        kw = {k: v for k, v in raw.items() if k in known}
+        if "axes_dims_rope" in kw:
+            kw["axes_dims_rope"] = tuple(kw["axes_dims_rope"])
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "FluxConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, L, C); shift/scale (B, C)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+class AdaNorm(nn.Module):
+    """SiLU -> Linear producing `n` modulation vectors (diffusers AdaLayerNormZero*/Continuous layout)."""
+
+    def __init__(self, dim: int, n: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, n * dim)
+        self.n = n
+
+    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(temb)).chunk(self.n, dim=1)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm over the head dimension, with a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class FluxAttention(nn.Module):
+    """Q/K/V projections with QK-RMSNorm; `added` adds the text-stream projections (double blocks)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, attn: AttentionOp, added: bool, out: bool) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.attn = heads, head_dim, attn
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.norm_q, self.norm_k = QKNorm(head_dim), QKNorm(head_dim)
+        if out:
+            self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Identity()])
+        if added:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (
+                nn.Linear(dim, heads * head_dim) for _ in range(3)
+            )
+            self.norm_added_q, self.norm_added_k = QKNorm(head_dim), QKNorm(head_dim)
+            self.to_add_out = nn.Linear(heads * head_dim, dim)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, C) -> q, k, v (B, L, H, D), q and k normalised."""
+        q = self.norm_q(self.to_q(x).unflatten(-1, (self.heads, self.head_dim)))
+        k = self.norm_k(self.to_k(x).unflatten(-1, (self.heads, self.head_dim)))
+        v = self.to_v(x).unflatten(-1, (self.heads, self.head_dim))
+        return q, k, v
+
+    def added_qkv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = self.norm_added_q(self.add_q_proj(c).unflatten(-1, (self.heads, self.head_dim)))
+        k = self.norm_added_k(self.add_k_proj(c).unflatten(-1, (self.heads, self.head_dim)))
+        v = self.add_v_proj(c).unflatten(-1, (self.heads, self.head_dim))
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, L, H, D) -> (B, L, H*D), RoPE applied to q and k."""
+        q = apply_rope_interleaved(q, *rope)
+        k = apply_rope_interleaved(k, *rope)
+        return self.attn(q, k, v).flatten(2).to(q.dtype)
+
+
+class FluxDoubleBlock(nn.Module):
+    """Separate weights for the image and text streams, joint attention over [text, image]."""
+
+    def __init__(self, cfg: FluxConfig, attn: AttentionOp) -> None:
+        super().__init__()
+        dim = cfg.inner_dim
+        self.norm1, self.norm1_context = AdaNorm(dim, 6), AdaNorm(dim, 6)
+        self.attn = FluxAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, attn, added=True, out=True)
+        self.ff = FeedForward(dim, 4 * dim)
+        self.ff_context = FeedForward(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, C) image stream, c (B, T, C) text stream, temb (B, C)."""
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
+        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+        q, k, v = self.attn.qkv(modulate(layer_norm(x), shift, scale))
+        cq, ck, cv = self.attn.added_qkv(modulate(layer_norm(c), c_shift, c_scale))
+        out = self.attn.attend(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1), rope)
+        t = c.shape[1]
+        c_out, x_out = out[:, :t], out[:, t:]
+        x = x + gate[:, None] * self.attn.to_out[0](x_out.contiguous())
+        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        c = c + c_gate[:, None] * self.attn.to_add_out(c_out.contiguous())
+        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
+        if c.dtype == torch.float16:
+            c = c.clip(-65504, 65504)
+        return x, c
+
+
+class FluxSingleBlock(nn.Module):
+    """One stream over the joint [text, image] sequence: attention and MLP in parallel."""
+
+    def __init__(self, cfg: FluxConfig, attn: AttentionOp) -> None:
+        super().__init__()
+        dim = cfg.inner_dim
+        self.norm = AdaNorm(dim, 3)
+        self.proj_mlp = nn.Linear(dim, 4 * dim)
+        self.proj_out = nn.Linear(5 * dim, dim)
+        self.attn = FluxAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, attn, added=False, out=False)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """h (B, T+N, C)."""
+        shift, scale, gate = self.norm(temb)
+        n = modulate(layer_norm(h), shift, scale)
+        mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
+        attn_out = self.attn.attend(*self.attn.qkv(n), rope)
+        h = h + gate[:, None] * self.proj_out(torch.cat([attn_out, mlp], dim=2))
+        if h.dtype == torch.float16:
+            h = h.clip(-65504, 65504)
+        return h
+
+
+class TimeTextEmbed(nn.Module):
+    """Timestep (+ guidance) sinusoidal features and the pooled text vector -> (B, C) conditioning."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool) -> None:
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        if guidance:
+            self.guidance_embedder = MLPEmbedder(256, dim)
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, t: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        emb = self.timestep_embedder(timestep_features(t).to(pooled.dtype))
+        if guidance is not None:
+            emb = emb + self.guidance_embedder(timestep_features(guidance).to(pooled.dtype))
+        return emb + self.text_embedder(pooled)
+
+
+class FluxTransformer(nn.Module):
+    def __init__(self, cfg: FluxConfig, attention: AttentionOp | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attention = attention or AttentionOp()
+        dim = cfg.inner_dim
+        self.time_text_embed = TimeTextEmbed(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(cfg.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(FluxDoubleBlock(cfg, self.attention) for _ in range(cfg.num_layers))
+        self.single_transformer_blocks = nn.ModuleList(
+            FluxSingleBlock(cfg, self.attention) for _ in range(cfg.num_single_layers)
+        )
+        self.norm_out = AdaNorm(dim, 2)
+        out_ch = cfg.out_channels or cfg.in_channels
+        self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_ch)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
+                img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, in_ch) packed latents; context (B, T, joint_dim); pooled (B, pooled_dim);
+        timestep (B,) in [0, 1]; img_ids (N, 3); txt_ids (T, 3); guidance (B,) or None -> (B, N, out_ch)."""
+        x = self.x_embedder(x)
+        t = timestep.to(x.dtype) * 1000
+        g = guidance.to(x.dtype) * 1000 if (guidance is not None and self.cfg.guidance_embeds) else None
+        temb = self.time_text_embed(t, pooled, g)
+        c = self.context_embedder(context)
+        rope = rope_nd(torch.cat([txt_ids, img_ids], dim=0), self.cfg.axes_dims_rope)
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, rope)
+        h = torch.cat([c, x], dim=1)
+        for block in self.single_transformer_blocks:
+            h = block(h, temb, rope)
+        x = h[:, c.shape[1]:]
+        scale, shift = self.norm_out(temb.to(x.dtype))
+        return self.proj_out(modulate(layer_norm(x), shift, scale))

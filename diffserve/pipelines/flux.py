@@ -1,0 +1,197 @@
+"""FLUX.1 text-to-image (dev and schnell), as a list of stages.
+
+Recipe: CLIP pooled + T5 prompt embeddings -> Gaussian latents packed 2x2 into tokens -> flow-match
+sigmas shifted for the resolution -> Euler denoising with our FLUX transformer (guidance embedded for
+dev) -> unpack, undo the VAE scaling/shift, VAE decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffserve.config import EngineConfig, ModelDefaults
+from diffserve.errors import InvalidRequestError
+from diffserve.models.dits.flux import FluxConfig, FluxTransformer
+from diffserve.models.loader import ModelIndex, load_component, load_dit, read_json
+from diffserve.layers.attention import AttentionOp
+from diffserve.pipelines.base import ComposedPipeline, InputValidationStage, PipelineStage, PipelineState
+from diffserve.pipelines.stages.latents import initial_noise
+from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output, t5_hidden_states
+from diffserve.schedulers.flow_match import FlowMatchConfig, euler_step, flow_match_sigmas, sigmas_to_timesteps
+
+DEFAULT_SAMPLE_SIZE = 128  # latent pixels: 1024 px at the usual VAE factor 8
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4): 2x2 patches become tokens."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, C*4) -> (B, C, h, w), the inverse of `pack_latents`."""
+    b, _, ch = x.shape
+    x = x.view(b, h // 2, w // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, ch // 4, h, w)
+
+
+def image_ids(h2: int, w2: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(h2*w2, 3) RoPE positions of the packed tokens: (0, row, col)."""
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1] = torch.arange(h2)[:, None]
+    ids[..., 2] = torch.arange(w2)[None, :]
+    return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
+
+
+@dataclass
+class FluxComponents:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    tokenizer_2: object
+    text_encoder_2: torch.nn.Module
+    transformer: FluxTransformer
+    vae: torch.nn.Module
+    scheduler: FlowMatchConfig
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+class FluxTextEncodingStage(PipelineStage):
+    name = "text_encoding"
+
+    def __init__(self, c: FluxComponents) -> None:
+        self.c = c
+
+    def run(self, state: PipelineState) -> None:
+        prompts = [r.prompt for r in state.requests]
+        counts = [r.num_outputs for r in state.requests]
+        pooled = clip_pooled(self.c.tokenizer, self.c.text_encoder, prompts, state.device)
+        embeds = t5_hidden_states(self.c.tokenizer_2, self.c.text_encoder_2, prompts,
+                                  state.request.max_sequence_length, state.device)
+        state.cond = {
+            "prompt_embeds": repeat_per_output(embeds.to(state.dtype), counts),  # (B, T, 4096)
+            "pooled": repeat_per_output(pooled.to(state.dtype), counts),  # (B, 768)
+        }
+
+
+class FluxLatentStage(PipelineStage):
+    name = "latent_preparation"
+
+    def __init__(self, c: FluxComponents) -> None:
+        self.c = c
+
+    def run(self, state: PipelineState) -> None:
+        f = self.c.vae_scale_factor
+        h, w = state.request.height // f, state.request.width // f
+        channels = self.c.transformer.cfg.in_channels // 4
+        noise = initial_noise(state.requests, (channels, h, w), state.device, state.dtype)
+        state.latents = pack_latents(noise)  # (B, N, C*4)
+        state.image_cond["img_ids"] = image_ids(h // 2, w // 2, state.device, state.dtype)
+
+
+class FluxTimestepStage(PipelineStage):
+    name = "timestep_preparation"
+
+    def __init__(self, c: FluxComponents) -> None:
+        self.c = c
+
+    def run(self, state: PipelineState) -> None:
+        assert state.latents is not None
+        sigmas = flow_match_sigmas(state.request.num_inference_steps, self.c.scheduler, state.latents.shape[1])
+        state.sigmas = sigmas.to(state.device)
+        state.timesteps = sigmas_to_timesteps(sigmas, self.c.scheduler).to(state.device)
+
+
+class FluxDenoisingStage(PipelineStage):
+    name = "denoising"
+
+    def __init__(self, c: FluxComponents) -> None:
+        self.c = c
+
+    @torch.no_grad()
+    def run(self, state: PipelineState) -> None:
+        assert state.latents is not None and state.sigmas is not None and state.timesteps is not None
+        model, x = self.c.transformer, state.latents
+        embeds, pooled = state.cond["prompt_embeds"], state.cond["pooled"]
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=state.device, dtype=state.dtype)
+        img_ids = state.image_cond["img_ids"]
+        guidance = None
+        if model.cfg.guidance_embeds:
+            guidance = torch.full((x.shape[0],), state.request.guidance_scale, device=state.device,
+                                  dtype=torch.float32)
+        total = len(state.timesteps)
+        for i in range(total):
+            state.check_cancelled()
+            t = state.timesteps[i].expand(x.shape[0]).to(x.dtype)
+            v = model(x, embeds, pooled, t / 1000, img_ids, txt_ids, guidance)
+            x = euler_step(x, v, state.sigmas[i], state.sigmas[i + 1])
+            state.step_done(i + 1, total)
+        state.latents = x
+
+
+class FluxDecodingStage(PipelineStage):
+    name = "decoding"
+
+    def __init__(self, c: FluxComponents) -> None:
+        self.c = c
+
+    @torch.no_grad()
+    def run(self, state: PipelineState) -> None:
+        assert state.latents is not None
+        f, vae = self.c.vae_scale_factor, self.c.vae
+        z = unpack_latents(state.latents, state.request.height // f, state.request.width // f)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        state.pixels = (image / 2 + 0.5).clamp(0, 1).float()  # (B, 3, H, W)
+
+
+def flux_defaults(c: FluxComponents) -> ModelDefaults:
+    """Reference defaults: dev 1024^2, 28 steps, guidance 3.5, 512 T5 tokens; schnell (no guidance
+    embedding: timestep-distilled) 4 steps, 256 tokens."""
+    f = c.vae_scale_factor
+    dev = c.transformer.cfg.guidance_embeds
+    return ModelDefaults(
+        kind="image", height=DEFAULT_SAMPLE_SIZE * f, width=DEFAULT_SAMPLE_SIZE * f,
+        num_inference_steps=28 if dev else 4, guidance_scale=3.5 if dev else 0.0,
+        size_multiple=2 * f, min_size=2 * f, max_size=max(4096, 4 * f), max_sequence_length=512 if dev else 256,
+    )
+
+
+def load_flux_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> FluxComponents:
+    dt, dev = cfg.dtype, cfg.device
+    folder = index.folder("transformer")
+    tcfg = FluxConfig.from_dict(read_json(folder / "config.json"))
+    return FluxComponents(
+        tokenizer=load_component(index, "tokenizer"),
+        text_encoder=load_component(index, "text_encoder", dt, dev),
+        tokenizer_2=load_component(index, "tokenizer_2"),
+        text_encoder_2=load_component(index, "text_encoder_2", dt, dev),
+        transformer=load_dit(lambda: FluxTransformer(tcfg, attention), folder, dt, dev),
+        vae=load_component(index, "vae", dt, dev),
+        scheduler=FlowMatchConfig.from_dict(read_json(index.folder("scheduler") / "scheduler_config.json")),
+    )
+
+
+class FluxInputStage(InputValidationStage):
+    """Validation plus FLUX's own rule: it has no negative-prompt path (guidance is embedded)."""
+
+    def run(self, state: PipelineState) -> None:
+        super().run(state)
+        if any(r.negative_prompt for r in state.requests):
+            raise InvalidRequestError("FLUX.1 does not use a negative prompt (its guidance is distilled into the "
+                                      "model); leave negative_prompt out", param="negative_prompt")
+
+
+def build_flux_pipeline(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> ComposedPipeline:
+    c = load_flux_components(index, cfg, attention)
+    defaults = flux_defaults(c)
+    stages: list[PipelineStage] = [
+        FluxInputStage(defaults), FluxTextEncodingStage(c), FluxLatentStage(c), FluxTimestepStage(c),
+        FluxDenoisingStage(c), FluxDecodingStage(c),
+    ]
+    return ComposedPipeline("FluxPipeline", stages, defaults, components=c)

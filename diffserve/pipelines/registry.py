@@ -1,0 +1,28 @@
+"""The explicit mapping from a checkpoint's `model_index.json` `_class_name` to our pipeline builder."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from diffserve.config import EngineConfig
+from diffserve.errors import CheckpointError
+from diffserve.layers.attention import AttentionOp
+from diffserve.models.loader import ModelIndex
+from diffserve.pipelines.base import ComposedPipeline
+from diffserve.pipelines.flux import build_flux_pipeline
+
+Builder = Callable[[ModelIndex, EngineConfig, AttentionOp], ComposedPipeline]
+
+PIPELINES: dict[str, Builder] = {
+    "FluxPipeline": build_flux_pipeline,
+}
+
+
+def build_pipeline(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> ComposedPipeline:
+    builder = PIPELINES.get(index.pipeline_class)
+    if builder is None:
+        raise CheckpointError(
+            f"{index.root}: pipeline class {index.pipeline_class!r} is not supported; "
+            f"supported: {', '.join(sorted(PIPELINES))}"
+        )
+    return builder(index, cfg, attention)
