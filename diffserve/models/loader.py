@@ -141,31 +141,45 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: s
         raise CheckpointError(f"{where}: weights do not match the model config; " + "; ".join(problems))
 
 
-def load_dit(build: Callable[[], M], folder: Path, dtype: torch.dtype, device: torch.device) -> M:
-    """Build a DiT on the meta device and load its weights strictly (assign=True), in `dtype` on `device`."""
+def load_dit(build: Callable[[], M], folder: Path, dtype: torch.dtype, device: torch.device, *,
+             keep_fp32: Callable[[str], bool] | None = None,
+             drop_keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> M:
+    """Build a DiT on the meta device and load its weights strictly (assign=True), in `dtype` on `device`.
+
+    `drop_keys` removes checkpoint tensors the model documents as unused; `keep_fp32(name)` keeps the
+    named parameters in float32 (as the reference keeps e.g. Wan's norms and time embedder)."""
     with torch.device("meta"):
         module = build()
     state = load_safetensors(folder, device if device.type == "cuda" else "cpu")
+    if drop_keys is not None:
+        state = drop_keys(state)
     check_state_dict(module, state, str(folder))
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+
+    def target(name: str, v: torch.Tensor) -> torch.dtype:
+        if not v.is_floating_point():
+            return v.dtype
+        return torch.float32 if keep_fp32 is not None and keep_fp32(name) else dtype
+
+    state = {k: v.to(device=device, dtype=target(k, v)) for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
-def _transformers_classes() -> dict[str, type]:
-    import transformers as tf
+# The reused component classes we load, by library; anything else in model_index.json is refused.
+ALLOWED_CLASSES: dict[str, tuple[str, ...]] = {
+    "transformers": ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel",
+                     "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast",
+                     "T5Tokenizer", "T5TokenizerFast", "CLIPImageProcessor"),
+    "diffusers": ("AutoencoderKL", "AutoencoderKLWan", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"),
+}
 
-    names = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel",
-             "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast",
-             "T5Tokenizer", "T5TokenizerFast", "CLIPImageProcessor")
-    return {n: getattr(tf, n) for n in names}
 
+def _component_class(library: str, name: str) -> type | None:
+    if name not in ALLOWED_CLASSES.get(library, ()):
+        return None
+    import importlib
 
-def _diffusers_classes() -> dict[str, type]:
-    import diffusers as df
-
-    names = ("AutoencoderKL", "AutoencoderKLWan", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
-    return {n: getattr(df, n) for n in names}
+    return getattr(importlib.import_module(library), name)
 
 
 def load_component(index: ModelIndex, name: str, dtype: torch.dtype | None = None,
@@ -174,8 +188,7 @@ def load_component(index: ModelIndex, name: str, dtype: torch.dtype | None = Non
     library, cls_name = index.components.get(name) or (None, None)
     if library is None:
         raise CheckpointError(f"{index.root}: model_index.json has no component {name!r}")
-    table = {"transformers": _transformers_classes, "diffusers": _diffusers_classes}.get(library)
-    cls = table().get(cls_name) if table else None
+    cls = _component_class(library, cls_name)
     if cls is None:
         raise CheckpointError(f"{index.root}: component {name!r} has class {library}.{cls_name}, "
                               f"which diffserve does not load")

@@ -35,6 +35,7 @@ class PipelineState:
     latents: torch.Tensor | None = None
     sigmas: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
+    sampler: object | None = None  # a stateful multistep sampler (e.g. UniPC) set up for this batch
     pixels: torch.Tensor | None = None  # decoded output in [0, 1]: (B, 3, H, W) or (B, 3, F, H, W)
 
     @property

@@ -10,11 +10,14 @@ from diffserve.layers.attention import AttentionOp
 from diffserve.models.loader import ModelIndex
 from diffserve.pipelines.base import ComposedPipeline
 from diffserve.pipelines.flux import build_flux_pipeline
+from diffserve.pipelines.wan import build_wan_i2v_pipeline, build_wan_t2v_pipeline
 
 Builder = Callable[[ModelIndex, EngineConfig, AttentionOp], ComposedPipeline]
 
 PIPELINES: dict[str, Builder] = {
     "FluxPipeline": build_flux_pipeline,
+    "WanPipeline": build_wan_t2v_pipeline,
+    "WanImageToVideoPipeline": build_wan_i2v_pipeline,
 }
 
 

@@ -1,6 +1,9 @@
-"""Prompt encoders shared by pipelines: CLIP pooled vectors and T5 hidden states (transformers models)."""
+"""Prompt encoders shared by pipelines: CLIP pooled vectors, T5 hidden states, UMT5 (Wan) embeddings."""
 
 from __future__ import annotations
+
+import html
+import re
 
 import torch
 
@@ -24,3 +27,25 @@ def t5_hidden_states(tokenizer, encoder, prompts: list[str], max_length: int, de
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="pt").input_ids
     return encoder(ids.to(device), output_hidden_states=False)[0].to(encoder.dtype)
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: ftfy fixes (when installed), HTML unescape twice, whitespace collapsed."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@torch.no_grad()
+def umt5_embeddings(tokenizer, encoder, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
+    """(B, max_length, D) UMT5 states with the attention mask applied, padding positions zeroed."""
+    tok = tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=max_length,
+                    truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    mask = tok.attention_mask.to(device)
+    states = encoder(tok.input_ids.to(device), mask).last_hidden_state.to(encoder.dtype)
+    return states * mask[..., None].to(states.dtype)

@@ -1,0 +1,151 @@
+"""`diffserve` command line: generate (one job, no server), serve (HTTP API)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffserve.errors import UserError
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+VIDEO_FORMATS = ("mp4", "gif", "webp", "frames")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model-path", required=True,
+                   help="diffusers-format model folder, or a Hugging Face repo id (org/name) resolved through "
+                        "the local hub cache (HF_HUB_OFFLINE honoured)")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="weights and activations precision (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
+    g.add_argument("--attention-backend", choices=("sdpa", "cudnn", "flash", "efficient", "math", "fa3"),
+                   default=None, help="attention kernel (default: the fastest one for the device)")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults come from the model)")
+    g.add_argument("--prompt", required=True, help="text prompt")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (models with classifier-free guidance)")
+    g.add_argument("--height", type=int, default=None, help="output height in pixels (multiple of 16 for real models)")
+    g.add_argument("--width", type=int, default=None, help="output width in pixels (multiple of 16 for real models)")
+    g.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (1-1000)")
+    g.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (0-100)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    g.add_argument("--num-outputs", type=int, default=1, help="images/videos to generate for the prompt (1-16)")
+    g.add_argument("--num-frames", type=int, default=None, help="video models: frames, 4k+1 (e.g. 81)")
+    g.add_argument("--fps", type=int, default=None, help="video models: frame rate of the written video")
+    g.add_argument("--image-path", default=None,
+                   help="input image for image-to-video / edit models: a file, an http(s) URL or a data URI")
+    g.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the model's)")
+    o = p.add_argument_group("output")
+    dest = o.add_mutually_exclusive_group()
+    dest.add_argument("--output-dir", type=Path, default=None, help="folder for the outputs (default: ./outputs)")
+    dest.add_argument("--output-path", type=Path, default=None, help="exact output file (one output only)")
+    o.add_argument("--output-format", choices=sorted(set(IMAGE_FORMATS + VIDEO_FORMATS)), default=None,
+                   help="images: png|jpeg|webp (default png); videos: mp4|gif|webp|frames (default mp4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffserve", description="Fast diffusion inference and serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="run one generation and write the result to files",
+                         description="Run one generation job in this process and write the outputs.")
+    _add_engine_args(gen)
+    _add_generate_args(gen)
+    return parser
+
+
+def _output_format(args: argparse.Namespace, kind: str) -> str:
+    from diffserve.media import format_from_path
+
+    fmt = args.output_format
+    if fmt is None and args.output_path is not None:
+        fmt = format_from_path(args.output_path, kind)
+    fmt = fmt or ("png" if kind == "image" else "mp4")
+    allowed = IMAGE_FORMATS if kind == "image" else VIDEO_FORMATS
+    if fmt not in allowed:
+        raise UserError(f"--output-format {fmt} is not accepted for {kind} output; accepted: {', '.join(allowed)}")
+    return fmt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from diffserve.config import GenerationRequest
+    from diffserve.engine.engine import Engine
+    from diffserve.media import check_output_target, load_image, write_images, write_video
+
+    engine = Engine.from_pretrained(args.model_path, dtype=args.dtype, device=args.device,
+                                    attention_backend=args.attention_backend)
+    kind = engine.defaults.kind
+    fmt = _output_format(args, kind)
+    image = load_image(args.image_path) if args.image_path else None
+    request = engine.validate(GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        num_outputs=args.num_outputs, num_frames=args.num_frames, fps=args.fps, image=image,
+        max_sequence_length=args.max_sequence_length,
+    ))
+    output_dir = args.output_dir if args.output_dir is not None or args.output_path else Path("outputs")
+    check_output_target(fmt=fmt, output_dir=output_dir, output_path=args.output_path, count=request.num_outputs)
+    print(f"model: {engine.pipeline_class} from {engine.model_root} ({str(engine.config.dtype).removeprefix('torch.')}, "
+          f"{engine.config.device}, attention {engine.attention.backend})", file=sys.stderr)
+    bar = tqdm(total=request.num_inference_steps, desc="denoising", unit="step", file=sys.stderr)
+
+    def on_step(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    with torch.inference_mode():
+        result = engine.generate_batch([request], on_step=on_step)[0]
+    bar.close()
+    stem = f"seed{result.seed}"
+    if kind == "image":
+        paths = write_images(result.images, fmt=fmt, output_dir=output_dir, output_path=args.output_path, stem=stem)
+    else:
+        paths = [write_video(v, fmt=fmt, fps=int(result.fps or 16), output_dir=output_dir,
+                             output_path=args.output_path if len(result.videos) == 1 else None,
+                             stem=f"{stem}_{i}" if len(result.videos) > 1 else stem)
+                 for i, v in enumerate(result.videos)]
+    for path in paths:
+        print(path)
+    stages = ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items())
+    print(f"seed {result.seed}; {stages}", file=sys.stderr)
+    if result.peak_memory_bytes:
+        label = "GPU peak allocated" if engine.config.device.type == "cuda" else "process peak RSS"
+        print(f"{label}: {result.peak_memory_bytes / 2**30:.2f} GiB", file=sys.stderr)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (load progress bars, advisory warnings) off the user's terminal."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        parser.error(f"unknown command {args.command}")
+    except UserError as e:
+        print(f"diffserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffserve: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
