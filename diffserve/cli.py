@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffserve.errors import UserError
 
-IMAGE_FORMATS = ("png", "jpeg", "webp")
+IMAGE_FORMATS = ("png", "jpeg", "webp")  # kept equal to diffserve.media's lists (imported lazily there)
 VIDEO_FORMATS = ("mp4", "gif", "webp", "frames")
 
 
@@ -57,31 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_format(args: argparse.Namespace, kind: str) -> str:
-    from diffserve.media import format_from_path
-
-    fmt = args.output_format
-    if fmt is None and args.output_path is not None:
-        fmt = format_from_path(args.output_path, kind)
-    fmt = fmt or ("png" if kind == "image" else "mp4")
-    allowed = IMAGE_FORMATS if kind == "image" else VIDEO_FORMATS
-    if fmt not in allowed:
-        raise UserError(f"--output-format {fmt} is not accepted for {kind} output; accepted: {', '.join(allowed)}")
-    return fmt
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
     from diffserve.config import GenerationRequest
     from diffserve.engine.engine import Engine
-    from diffserve.media import check_output_target, load_image, write_images, write_video
+    from diffserve.media import check_output_target, load_image, resolve_format, write_images, write_videos
 
     engine = Engine.from_pretrained(args.model_path, dtype=args.dtype, device=args.device,
                                     attention_backend=args.attention_backend)
     kind = engine.defaults.kind
-    fmt = _output_format(args, kind)
+    fmt = resolve_format(args.output_format, args.output_path, kind)
     image = load_image(args.image_path) if args.image_path else None
     request = engine.validate(GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
@@ -90,7 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_sequence_length=args.max_sequence_length,
     ))
     output_dir = args.output_dir if args.output_dir is not None or args.output_path else Path("outputs")
-    check_output_target(fmt=fmt, output_dir=output_dir, output_path=args.output_path, count=request.num_outputs)
+    check_output_target(fmt=fmt, output_dir=output_dir, output_path=args.output_path, count=request.num_outputs,
+                        kind=kind)
     print(f"model: {engine.pipeline_class} from {engine.model_root} ({str(engine.config.dtype).removeprefix('torch.')}, "
           f"{engine.config.device}, attention {engine.attention.backend})", file=sys.stderr)
     bar = tqdm(total=request.num_inference_steps, desc="denoising", unit="step", file=sys.stderr)
@@ -105,10 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if kind == "image":
         paths = write_images(result.images, fmt=fmt, output_dir=output_dir, output_path=args.output_path, stem=stem)
     else:
-        paths = [write_video(v, fmt=fmt, fps=int(result.fps or 16), output_dir=output_dir,
-                             output_path=args.output_path if len(result.videos) == 1 else None,
-                             stem=f"{stem}_{i}" if len(result.videos) > 1 else stem)
-                 for i, v in enumerate(result.videos)]
+        paths = write_videos(result.videos, fmt=fmt, fps=int(result.fps or 16), output_dir=output_dir,
+                             output_path=args.output_path, stem=stem)
     for path in paths:
         print(path)
     stages = ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items())

@@ -211,21 +211,44 @@ class FluxTransformer(nn.Module):
         out_ch = cfg.out_channels or cfg.in_channels
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_ch)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-                img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, in_ch) packed latents; context (B, T, joint_dim); pooled (B, pooled_dim);
-        timestep (B,) in [0, 1]; img_ids (N, 3); txt_ids (T, 3); guidance (B,) or None -> (B, N, out_ch)."""
+    # Sequence parallelism: after `embed`, the text stream (B, T, C) and the image stream (B, N, C) are each
+    # split along their sequence; a rank holds [text shard; image shard] and the RoPE rows of exactly those
+    # tokens, in that order. `blocks` runs on the shards (joint attention goes through the AttentionOp's
+    # parallel wrapper; temb is replicated); the image shards are gathered before `head`.
+    SEQUENCE_PARALLEL = {"split": {"text": 1, "image": 1, "rope": 0}, "replicated": ("temb",),
+                         "gather": {"head": 1}}
+
+    def embed(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
+              img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None) -> dict:
+        """Inputs -> what the blocks consume: image tokens (B, N, C), text tokens (B, T, C), temb (B, C),
+        rope cos/sin over [text; image] (T+N, D)."""
         x = self.x_embedder(x)
         t = timestep.to(x.dtype) * 1000
         g = guidance.to(x.dtype) * 1000 if (guidance is not None and self.cfg.guidance_embeds) else None
         temb = self.time_text_embed(t, pooled, g)
         c = self.context_embedder(context)
         rope = rope_nd(torch.cat([txt_ids, img_ids], dim=0), self.cfg.axes_dims_rope)
+        return dict(image=x, text=c, temb=temb, rope=rope)
+
+    def blocks(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Double-stream blocks on (image, text), then single-stream blocks on [text; image] (B, T+N, C).
+        Returns the image part (B, N, C)."""
         for block in self.transformer_blocks:
             x, c = block(x, c, temb, rope)
         h = torch.cat([c, x], dim=1)
         for block in self.single_transformer_blocks:
             h = block(h, temb, rope)
-        x = h[:, c.shape[1]:]
+        return h[:, c.shape[1]:]
+
+    def head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Final AdaLN and projection: (B, N, C) -> (B, N, out_ch)."""
         scale, shift = self.norm_out(temb.to(x.dtype))
         return self.proj_out(modulate(layer_norm(x), shift, scale))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
+                img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, in_ch) packed latents; context (B, T, joint_dim); pooled (B, pooled_dim);
+        timestep (B,) in [0, 1]; img_ids (N, 3); txt_ids (T, 3); guidance (B,) or None -> (B, N, out_ch)."""
+        s = self.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance)
+        return self.head(self.blocks(s["image"], s["text"], s["temb"], s["rope"]), s["temb"])

@@ -1,0 +1,180 @@
+"""End-to-end GPU benchmark: diffserve vs diffusers on the same full-size random-weight checkpoint.
+
+Usage (on a GPU machine):
+    python benchmarks/bench_e2e.py WORKLOAD --repo DIR [--steps N] [--out FILE.json]
+
+WORKLOAD is one of WORKLOADS below. The repo is built with random weights from the real configs
+(diffserve.testing.fixtures.build_repo, scale="full") when DIR does not exist yet. Each engine loads
+the repo from disk, runs one short warm-up, then one timed generation; per-step time is measured
+around the denoising loop only (from the first transformer call to the last step's end), and fixed
+costs (text encoding, VAE decode, the rest) are the difference to the end-to-end wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROMPT = "a red fox jumping over a frozen river at sunrise, detailed, photorealistic"
+
+
+@dataclass(frozen=True)
+class Workload:
+    fixture: str
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    num_frames: int | None = None
+
+
+WORKLOADS = {
+    "flux-dev-1024": Workload("flux-dev", 1024, 1024, 28, 3.5),
+    "wan-1.3b-480p": Workload("wan-t2v", 480, 832, 50, 5.0, num_frames=81),
+    "wan-14b-720p": Workload("wan-t2v-14b", 720, 1280, 50, 5.0, num_frames=81),
+}
+
+
+@dataclass
+class Run:
+    engine: str
+    steps: int
+    total_s: float
+    denoise_s: float
+    per_step_s: float
+    fixed_s: float
+    stages: dict
+    peak_gib: float
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def run_diffserve(repo: Path, w: Workload, steps: int) -> tuple[Run, np.ndarray]:
+    from diffserve import Engine
+
+    engine = Engine.from_pretrained(str(repo), dtype="bf16", device="cuda")
+    params = dict(height=w.height, width=w.width, guidance_scale=w.guidance, seed=0)
+    if w.num_frames:
+        params["num_frames"] = w.num_frames
+    engine.generate(PROMPT, num_inference_steps=2, **params)  # warm-up
+    _sync()
+    res = engine.generate(PROMPT, num_inference_steps=steps, **params)
+    t = res.timings
+    out = np.asarray(res.images[0]) if res.images else res.videos[0]
+    run = Run("diffserve", steps, t["total"], t["denoising"], t["denoising"] / steps,
+              t["total"] - t["denoising"], {k: round(v, 4) for k, v in t.items()},
+              (res.peak_memory_bytes or 0) / 2**30)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return run, out
+
+
+def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool = False) -> tuple[Run, np.ndarray]:
+    import diffusers
+
+    if w.num_frames:
+        vae = diffusers.AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=torch.float32)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(repo, vae=vae, torch_dtype=torch.bfloat16).to("cuda")
+    else:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(repo, torch_dtype=torch.bfloat16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    if compile_transformer:
+        pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
+    marks: dict[str, float] = {}
+
+    def pre_hook(_m, _a):
+        if "start" not in marks:
+            _sync()
+            marks["start"] = time.perf_counter()
+
+    def on_step(p, i, t, kw):
+        if i == steps - 1:
+            _sync()
+            marks["end"] = time.perf_counter()
+        return {}
+
+    kw = dict(height=w.height, width=w.width, guidance_scale=w.guidance,
+              generator=torch.Generator("cpu").manual_seed(0))
+    if w.num_frames:
+        kw["num_frames"] = w.num_frames
+    pipe(PROMPT, num_inference_steps=2, **kw)  # warm-up (and compile)
+    handle = pipe.transformer.register_forward_pre_hook(pre_hook)
+    torch.cuda.reset_peak_memory_stats()
+    kw["generator"] = torch.Generator("cpu").manual_seed(0)
+    _sync()
+    t0 = time.perf_counter()
+    out = pipe(PROMPT, num_inference_steps=steps, callback_on_step_end=on_step, output_type="np", **kw)
+    _sync()
+    total = time.perf_counter() - t0
+    handle.remove()
+    denoise = marks["end"] - marks["start"]
+    arr = out.images[0] if hasattr(out, "images") else out.frames[0]
+    arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    name = "diffusers+compile" if compile_transformer else "diffusers"
+    run = Run(name, steps, total, denoise, denoise / steps, total - denoise, {},
+              torch.cuda.max_memory_allocated() / 2**30)
+    del pipe
+    gc.collect()
+    torch.cuda.empty_cache()
+    return run, arr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--repo", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: the workload's)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--engines", default="diffserve,diffusers", help="comma list: diffserve,diffusers,compile")
+    args = ap.parse_args()
+    w = WORKLOADS[args.workload]
+    steps = args.steps or w.steps
+    if not args.repo.exists():
+        from diffserve.testing.fixtures import build_repo
+
+        t0 = time.perf_counter()
+        build_repo(w.fixture, args.repo, scale="full", device="cuda", dtype=torch.bfloat16)
+        print(f"built {w.fixture} full-size repo in {time.perf_counter() - t0:.1f}s", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    runs, outs = [], {}
+    for name in args.engines.split(","):
+        if name == "diffserve":
+            r, o = run_diffserve(args.repo, w, steps)
+        else:
+            r, o = run_diffusers(args.repo, w, steps, compile_transformer=(name == "compile"))
+        runs.append(r)
+        outs[r.engine] = o
+        print(json.dumps(asdict(r)), flush=True)
+    base = next((r for r in runs if r.engine == "diffusers"), None)
+    report = {"workload": args.workload, "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "steps_timed": steps, "full_steps": w.steps, "runs": [asdict(r) for r in runs]}
+    for r in runs:
+        # end-to-end at the workload's full step count, extrapolated from the per-step and fixed costs
+        r_e2e = r.fixed_s + r.per_step_s * w.steps
+        report.setdefault("e2e_full_s", {})[r.engine] = round(r_e2e, 3)
+        if base is not None:
+            report.setdefault("speedup_vs_diffusers", {})[r.engine] = {
+                "per_step": round(base.per_step_s / r.per_step_s, 3),
+                "e2e": round((base.fixed_s + base.per_step_s * w.steps) / r_e2e, 3),
+            }
+    if "diffserve" in outs and "diffusers" in outs:
+        a, b = outs["diffserve"].astype(float), outs["diffusers"].astype(float)
+        report["output_mean_abs_diff_255"] = float(np.abs(a - b).mean())
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
