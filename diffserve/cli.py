@@ -22,6 +22,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
     g.add_argument("--attention-backend", choices=("sdpa", "cudnn", "flash", "efficient", "math", "fa3"),
                    default=None, help="attention kernel (default: the fastest one for the device)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the repeated transformer blocks (slower start, faster steps)")
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffserve.media import check_output_target, load_image, resolve_format, write_images, write_videos
 
     engine = Engine.from_pretrained(args.model_path, dtype=args.dtype, device=args.device,
-                                    attention_backend=args.attention_backend)
+                                    attention_backend=args.attention_backend, compile=args.compile)
     kind = engine.defaults.kind
     fmt = resolve_format(args.output_format, args.output_path, kind)
     image = load_image(args.image_path) if args.image_path else None

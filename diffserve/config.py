@@ -50,6 +50,7 @@ class EngineConfig:
     dtype: torch.dtype = torch.bfloat16
     device: torch.device = field(default_factory=default_device)
     attention_backend: str | None = None  # None: the fastest one for the device
+    compile: bool = False  # regional torch.compile of the repeated transformer blocks
 
 
 @dataclass(frozen=True)

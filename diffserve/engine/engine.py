@@ -46,13 +46,20 @@ class Engine:
         backend = config.attention_backend or default_backend(config.device)
         self.attention = AttentionOp(backend)
         self.pipeline: ComposedPipeline = build_pipeline(self.index, config, self.attention)
+        self.compiled_blocks = 0
+        if config.compile:
+            from diffserve.engine.optimize import compile_blocks
+
+            self.compiled_blocks = compile_blocks(self.pipeline.components.transformer)  # type: ignore[union-attr]
 
     @classmethod
     def from_pretrained(cls, model_path: str, *, dtype: str | torch.dtype | None = None,
-                        device: str | torch.device | None = None, attention_backend: str | None = None) -> "Engine":
+                        device: str | torch.device | None = None, attention_backend: str | None = None,
+                        compile: bool = False) -> "Engine":
         dev = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend))
+        return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
+                                compile=compile))
 
     @property
     def defaults(self) -> ModelDefaults:

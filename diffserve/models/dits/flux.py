@@ -195,6 +195,8 @@ class TimeTextEmbed(nn.Module):
 
 
 class FluxTransformer(nn.Module):
+    REPEATED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
+
     def __init__(self, cfg: FluxConfig, attention: AttentionOp | None = None) -> None:
         super().__init__()
         self.cfg = cfg

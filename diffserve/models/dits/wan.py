@@ -361,6 +361,8 @@ class WanTransformer(nn.Module):
         gather_dim=1,
     )
 
+    REPEATED_BLOCKS = ("blocks",)
+
     # Modules diffusers keeps in float32 when it loads the weights in a lower precision; a parameter
     # matches when one of these is a component of its dotted name (see `keeps_fp32`).
     FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
