@@ -58,28 +58,49 @@ def _sync() -> None:
     torch.cuda.synchronize()
 
 
-def run_diffserve(repo: Path, w: Workload, steps: int) -> tuple[Run, np.ndarray]:
+def profile_one_step(fn, path: Path | None) -> None:
+    """Write a per-kernel CUDA time table of fn() (one denoising step) to `path`."""
+    if path is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+
+
+def run_diffserve(repo: Path, w: Workload, steps: int, compile_blocks: bool = False, backend: str | None = None,
+                  profile_path: Path | None = None) -> tuple[Run, np.ndarray]:
     from diffserve import Engine
 
-    engine = Engine.from_pretrained(str(repo), dtype="bf16", device="cuda")
+    engine = Engine.from_pretrained(str(repo), dtype="bf16", device="cuda", compile=compile_blocks,
+                                    attention_backend=backend)
     params = dict(height=w.height, width=w.width, guidance_scale=w.guidance, seed=0)
     if w.num_frames:
         params["num_frames"] = w.num_frames
-    engine.generate(PROMPT, num_inference_steps=2, **params)  # warm-up
+    t0 = time.perf_counter()
+    engine.generate(PROMPT, num_inference_steps=2, **params)  # warm-up (and compile)
     _sync()
+    warm = time.perf_counter() - t0
     res = engine.generate(PROMPT, num_inference_steps=steps, **params)
+    profile_one_step(lambda: engine.generate(PROMPT, num_inference_steps=1, **params), profile_path)
     t = res.timings
     out = np.asarray(res.images[0]) if res.images else res.videos[0]
-    run = Run("diffserve", steps, t["total"], t["denoising"], t["denoising"] / steps,
-              t["total"] - t["denoising"], {k: round(v, 4) for k, v in t.items()},
-              (res.peak_memory_bytes or 0) / 2**30)
+    name = "diffserve" + ("+compile" if compile_blocks else "") + (f"[{backend}]" if backend else "")
+    stages = {k: round(v, 4) for k, v in t.items()}
+    stages["warmup_s"] = round(warm, 2)
+    stages["attention"] = engine.attention.backend
+    run = Run(name, steps, t["total"], t["denoising"], t["denoising"] / steps,
+              t["total"] - t["denoising"], stages, (res.peak_memory_bytes or 0) / 2**30)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
     return run, out
 
 
-def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool = False) -> tuple[Run, np.ndarray]:
+def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool = False,
+                  profile_path: Path | None = None) -> tuple[Run, np.ndarray]:
     import diffusers
 
     if w.num_frames:
@@ -107,7 +128,9 @@ def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool
               generator=torch.Generator("cpu").manual_seed(0))
     if w.num_frames:
         kw["num_frames"] = w.num_frames
+    t_warm = time.perf_counter()
     pipe(PROMPT, num_inference_steps=2, **kw)  # warm-up (and compile)
+    warm = time.perf_counter() - t_warm
     handle = pipe.transformer.register_forward_pre_hook(pre_hook)
     torch.cuda.reset_peak_memory_stats()
     kw["generator"] = torch.Generator("cpu").manual_seed(0)
@@ -118,10 +141,11 @@ def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool
     total = time.perf_counter() - t0
     handle.remove()
     denoise = marks["end"] - marks["start"]
+    profile_one_step(lambda: pipe(PROMPT, num_inference_steps=1, output_type="latent", **kw), profile_path)
     arr = out.images[0] if hasattr(out, "images") else out.frames[0]
     arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
     name = "diffusers+compile" if compile_transformer else "diffusers"
-    run = Run(name, steps, total, denoise, denoise / steps, total - denoise, {},
+    run = Run(name, steps, total, denoise, denoise / steps, total - denoise, {"warmup_s": round(warm, 2)},
               torch.cuda.max_memory_allocated() / 2**30)
     del pipe
     gc.collect()
@@ -135,7 +159,10 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: the workload's)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--engines", default="diffserve,diffusers", help="comma list: diffserve,diffusers,compile")
+    ap.add_argument("--engines", default="diffserve,diffusers",
+                    help="comma list of: diffserve, diffserve+compile, diffserve[BACKEND], diffusers, "
+                         "diffusers+compile")
+    ap.add_argument("--profile-dir", type=Path, default=None, help="write one-step kernel tables here")
     args = ap.parse_args()
     w = WORKLOADS[args.workload]
     steps = args.steps or w.steps
@@ -149,10 +176,16 @@ def main() -> None:
         torch.cuda.empty_cache()
     runs, outs = [], {}
     for name in args.engines.split(","):
-        if name == "diffserve":
-            r, o = run_diffserve(args.repo, w, steps)
+        prof = (args.profile_dir / f"{args.workload}-{name}.txt") if args.profile_dir else None
+        if name.startswith("diffserve"):
+            backend = name.split("[")[1].rstrip("]") if "[" in name else None
+            r, o = run_diffserve(args.repo, w, steps, compile_blocks="+compile" in name, backend=backend,
+                                 profile_path=prof)
+        elif name in ("diffusers", "diffusers+compile"):
+            r, o = run_diffusers(args.repo, w, steps, compile_transformer=name.endswith("+compile"),
+                                 profile_path=prof)
         else:
-            r, o = run_diffusers(args.repo, w, steps, compile_transformer=(name == "compile"))
+            raise SystemExit(f"unknown engine {name}")
         runs.append(r)
         outs[r.engine] = o
         print(json.dumps(asdict(r)), flush=True)
@@ -168,9 +201,10 @@ def main() -> None:
                 "per_step": round(base.per_step_s / r.per_step_s, 3),
                 "e2e": round((base.fixed_s + base.per_step_s * w.steps) / r_e2e, 3),
             }
-    if "diffserve" in outs and "diffusers" in outs:
-        a, b = outs["diffserve"].astype(float), outs["diffusers"].astype(float)
-        report["output_mean_abs_diff_255"] = float(np.abs(a - b).mean())
+    if "diffusers" in outs:
+        ref = outs["diffusers"].astype(float)
+        report["output_mean_abs_diff_255_vs_diffusers"] = {
+            k: float(np.abs(v.astype(float) - ref).mean()) for k, v in outs.items() if k != "diffusers"}
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -23,3 +23,17 @@ def flux_schnell_repo() -> Path:
     from diffserve.testing.fixtures import fixture_path
 
     return fixture_path("flux-schnell")
+
+
+@pytest.fixture(scope="session")
+def wan_t2v_repo() -> Path:
+    from diffserve.testing.fixtures import fixture_path
+
+    return fixture_path("wan-t2v")
+
+
+@pytest.fixture(scope="session")
+def wan_i2v_repo() -> Path:
+    from diffserve.testing.fixtures import fixture_path
+
+    return fixture_path("wan-i2v")
