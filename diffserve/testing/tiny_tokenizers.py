@@ -1,0 +1,225 @@
+"""Small, locally trained stand-ins for the CLIP and T5/UMT5 tokenizers of the target models.
+
+Test fixtures cannot download the real tokenizer files, so both vocabularies are learned here from a
+small built-in English corpus (:data:`CORPUS`), run by the ``tokenizers`` library's BPE / Unigram
+models, and wrapped in the real ``transformers`` classes so that ``save_pretrained`` writes the files
+the pipelines load (``tokenizer.json`` + ``tokenizer_config.json``; the fixture builder adds CLIP's
+``vocab.json`` / ``merges.txt``, which is what the real CLIP tokenizer folders contain). The learning
+is done by small Python routines rather than ``tokenizers.trainers``, whose results vary from process
+to process (hash-order tie breaking), because fixtures must be byte-for-byte reproducible.
+
+* :func:`build_clip_tokenizer` -- byte-level BPE laid out exactly like OpenAI CLIP's vocabulary:
+  the 256 byte symbols, the same 256 symbols with the ``</w>`` end-of-word suffix, one entry per merge
+  (in merge order), then ``<|startoftext|>`` and ``<|endoftext|>`` as the two highest ids. Because every
+  byte is in the vocabulary, any text tokenizes without unknown tokens. ``<|endoftext|>`` being the
+  highest id matters: CLIP text configs carry the legacy ``eos_token_id=2`` and then pool at
+  ``input_ids.argmax(-1)``, which is only the end-of-text position if that token has the largest id.
+* :func:`build_t5_tokenizer` -- Unigram (SentencePiece-style, ``▁`` word boundaries) with the T5 id
+  layout ``<pad>=0``, ``</s>=1``, ``<unk>=2``, no ``<extra_id_*>`` sentinels. Printable ASCII and the
+  Latin-1 letters are seeded into the alphabet, so English text never maps to ``<unk>``; other
+  characters (emoji, CJK, ...) do.
+
+Both builders are deterministic across processes and machines, and cached per process.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import math
+
+from tokenizers import Regex, normalizers, pre_tokenizers
+from transformers import CLIPTokenizer, T5Tokenizer
+
+CLIP_VOCAB_SIZE = 1000
+"""Size of the tiny CLIP vocabulary, special tokens included (real CLIP: 49408)."""
+T5_VOCAB_SIZE = 512
+"""Size of the tiny T5 vocabulary, special tokens included (real t5-v1_1: 32100, umt5: 256300)."""
+CLIP_MODEL_MAX_LENGTH = 77
+T5_MODEL_MAX_LENGTH = 512
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+_T5_MAX_PIECE = 12
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+
+CORPUS = """
+A photo of a cat. A photo of a dog. A painting of a squirrel eating a burger.
+Dance monkey, dance! Bad quality, low quality, worst quality, blurry, ugly, deformed, negative.
+Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage.
+A red circle on the left, a blue square on the right, a green triangle at the top and a yellow star
+at the bottom. An orange hexagon in the middle, a purple heart in the center, a pink diamond in the
+corner, a white cross above a black arrow, a brown cube below a grey sphere, a gray cylinder next to a
+golden cone, a silver ring behind a cyan oval, a magenta rectangle in front of a beige pyramid.
+Red, orange, yellow, green, blue, indigo, violet, purple, pink, white, black, gray, grey, brown, gold,
+silver, cyan, magenta, teal, navy, maroon, olive, lime, beige, turquoise, crimson, scarlet, amber.
+Circle, square, triangle, rectangle, star, heart, diamond, hexagon, pentagon, octagon, oval, cube,
+sphere, cone, cylinder, pyramid, arrow, cross, line, dot, spiral, wave, grid, stripe, checkerboard.
+Left, right, top, bottom, middle, center, above, below, behind, under, over, inside, outside, near,
+far, next to, between, around, across, along, through, upward, downward, forward, backward.
+A man and a woman walk along the beach at sunset while a child plays with a ball in the sand.
+The old wooden house stands on a hill under a cloudy sky; rain falls on the quiet village street.
+A bird flies over the river. A fish swims in the clear water. A horse runs across the green field.
+A lion sleeps under a tree. An elephant drinks from a lake. A rabbit jumps over a small fence.
+A cup of coffee on a table, a glass of water, a bowl of fruit with apples, bananas and oranges.
+A car drives down the road at night; bright lights shine through the fog in the busy city.
+A robot barista making latte art in a cozy cafe. A calm ocean wave at sunrise. A red fox trotting
+through a snowy pine forest at golden hour, cinematic. A lively puppy running quickly on lush grass.
+A penguin is standing on a yellow surfboard, riding a wave in the ocean with waves crashing around.
+A train is moving on the track. A plane flies high above the mountains and the snow covered peaks.
+Beautiful, detailed, realistic, cinematic, sharp focus, high resolution, masterpiece, soft lighting,
+studio light, natural light, dramatic shadows, wide angle, close up, portrait, landscape, aerial view.
+Static, overexposed, subtitles, style, works, paintings, images, still picture, messy background,
+three legs, many people in the background, walking backwards, extra fingers, poorly drawn hands,
+poorly drawn faces, disfigured, misshapen limbs, fused fingers, JPEG compression residue, incomplete.
+One, two, three, four, five, six, seven, eight, nine, ten, 0 1 2 3 4 5 6 7 8 9, first, second, last.
+The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore.
+I am, you are, he is, she is, it is, we are, they are, I was, it was, we were, there is, there are.
+This, that, these, those, here, there, where, when, what, which, who, why, how, all, some, many, few.
+Big, small, tall, short, long, wide, narrow, thick, thin, heavy, light, fast, slow, hot, cold, warm,
+new, old, young, happy, sad, angry, calm, loud, quiet, soft, hard, smooth, rough, wet, dry, clean.
+Sun, moon, sky, cloud, rain, snow, wind, storm, fire, ice, stone, rock, sand, grass, flower, leaf,
+tree, forest, mountain, river, lake, sea, ocean, beach, island, desert, valley, garden, park, road.
+Person, people, man, woman, boy, girl, child, baby, friend, family, teacher, doctor, artist, dancer.
+Hand, head, face, eye, eyes, nose, mouth, hair, arm, leg, foot, body, smile, shirt, dress, hat, shoes.
+Run, walk, jump, swim, fly, dance, sing, play, read, write, eat, drink, sleep, look, see, watch, hold,
+open, close, turn, move, stand, sit, fall, rise, spin, roll, float, glow, shine, sparkle, melt, grow.
+Video, image, picture, frame, scene, camera, shot, movie, film, animation, cartoon, drawing, sketch,
+render, 3d, 4k, 8k, hd, photograph, photography, illustration, oil painting, watercolor, pixel art.
+"""
+"""English text the tiny tokenizers are trained on: colours, shapes, positions, prompt words."""
+
+_CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+
+def _corpus_lines() -> list[str]:
+    return [line.strip() for line in CORPUS.strip().splitlines() if line.strip()]
+
+
+def _clip_pre_tokenizer() -> tuple[normalizers.Normalizer, pre_tokenizers.PreTokenizer]:
+    """The normalizer and pre-tokenizer transformers' ``CLIPTokenizer`` uses (lowercase, regex, bytes)."""
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    return normalizer, pre_tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_merges() -> tuple[tuple[str, str], ...]:
+    """Learn CLIP-style byte-level BPE merges (``</w>`` marks word ends) on the corpus, in rank order.
+
+    A plain Python learner rather than ``tokenizers.trainers.BpeTrainer``: the Rust trainer breaks ties
+    between equally frequent pairs in hash-map order, which changes from process to process, and the
+    fixtures must be byte-for-byte reproducible. Ties here go to the lexicographically smallest pair.
+    """
+    normalizer, pre_tokenizer = _clip_pre_tokenizer()
+    counts: collections.Counter[tuple[str, ...]] = collections.Counter()
+    for line in _corpus_lines():
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            counts[(*word[:-1], word[-1] + "</w>")] += 1
+    words = dict(counts)
+    n_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for word, freq in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += freq
+        if not pairs:
+            raise RuntimeError(f"corpus yields only {len(merges)} BPE merges, need {n_merges}")
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        words = {_merge(word, best): freq for word, freq in words.items()}
+    return tuple(merges)
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny CLIP vocabulary (token -> id, CLIP's layout) and merge list."""
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_rank)
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
+    merges = list(_clip_merges())
+    tokens += [a + b for a, b in merges]
+    tokens += [CLIP_BOS, CLIP_EOS]
+    if len(set(tokens)) != len(tokens):
+        raise RuntimeError("duplicate token in tiny CLIP vocabulary")
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_order() -> dict[str, int]:
+    """GPT-2 ``bytes_to_unicode`` order, which is the order of the first 256 CLIP vocabulary entries."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): rank for rank, c in enumerate(cs)}
+
+
+def _byte_rank(symbol: str) -> int:
+    return _byte_order()[symbol]
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` with :data:`CLIP_VOCAB_SIZE` tokens and ``model_max_length`` 77."""
+    vocab, merges = clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MODEL_MAX_LENGTH)
+
+
+@functools.lru_cache(maxsize=1)
+def t5_vocab() -> tuple[tuple[str, float], ...]:
+    """The tiny T5 Unigram vocabulary as ``(piece, log-probability)`` pairs, specials first.
+
+    Built like SentencePiece's seed vocabulary, without its EM pruning: every alphabet character, then
+    the most useful substrings of the ``▁``-prefixed corpus words (ranked by frequency x extra length,
+    ties by string), scored by log relative frequency. ``tokenizers.trainers.UnigramTrainer`` is not
+    used because its output changes from process to process; this is deterministic.
+    """
+    counts: collections.Counter[str] = collections.Counter()
+    for line in _corpus_lines():
+        for word in line.split():
+            word = "▁" + word
+            for i in range(len(word)):
+                for j in range(i + 1, min(len(word), i + _T5_MAX_PIECE) + 1):
+                    counts[word[i:j]] += 1
+    alphabet = ["▁"] + [chr(c) for c in range(33, 127)]
+    alphabet += [chr(c) for c in range(0xC0, 0x100) if chr(c).isalpha()]
+    n_pieces = T5_VOCAB_SIZE - len(T5_SPECIALS) - len(alphabet)
+    longer = sorted((p for p in counts if len(p) > 1 and counts[p] > 1), key=lambda p: (-counts[p] * (len(p) - 1), p))
+    if len(longer) < n_pieces:
+        raise RuntimeError(f"corpus yields only {len(longer)} T5 pieces, need {n_pieces}")
+    pieces = alphabet + sorted(longer[:n_pieces], key=lambda p: (-counts[p], p))
+    total = sum(max(counts[p], 1) for p in pieces)
+    vocab = [(p, 0.0) for p in T5_SPECIALS]
+    vocab += [(p, round(math.log(max(counts[p], 1) / total), 6)) for p in pieces]
+    return tuple(vocab)
+
+
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A T5 tokenizer (saved as ``T5TokenizerFast``-compatible ``tokenizer.json``), no sentinel ids."""
+    return T5Tokenizer(vocab=list(t5_vocab()), extra_ids=0, model_max_length=T5_MODEL_MAX_LENGTH)
