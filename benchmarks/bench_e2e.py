@@ -58,8 +58,8 @@ def _sync() -> None:
     torch.cuda.synchronize()
 
 
-def profile_one_step(fn, path: Path | None) -> None:
-    """Write a per-kernel CUDA time table of fn() (one denoising step) to `path`."""
+def profile_one_step(fn, path: Path | None, title: str = "") -> None:
+    """Append a per-kernel CUDA time table of fn() (one denoising step) to `path`."""
     if path is None:
         return
     from torch.profiler import ProfilerActivity, profile
@@ -67,7 +67,9 @@ def profile_one_step(fn, path: Path | None) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         _sync()
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    with path.open("a") as f:
+        f.write(f"\n===== {title} =====\n{table}\n")
 
 
 def run_diffserve(repo: Path, w: Workload, steps: int, compile_blocks: bool = False, backend: str | None = None,
@@ -84,10 +86,10 @@ def run_diffserve(repo: Path, w: Workload, steps: int, compile_blocks: bool = Fa
     _sync()
     warm = time.perf_counter() - t0
     res = engine.generate(PROMPT, num_inference_steps=steps, **params)
-    profile_one_step(lambda: engine.generate(PROMPT, num_inference_steps=1, **params), profile_path)
+    name = "diffserve" + ("+compile" if compile_blocks else "") + (f"[{backend}]" if backend else "")
+    profile_one_step(lambda: engine.generate(PROMPT, num_inference_steps=1, **params), profile_path, name)
     t = res.timings
     out = np.asarray(res.images[0]) if res.images else res.videos[0]
-    name = "diffserve" + ("+compile" if compile_blocks else "") + (f"[{backend}]" if backend else "")
     stages = {k: round(v, 4) for k, v in t.items()}
     stages["warmup_s"] = round(warm, 2)
     stages["attention"] = engine.attention.backend
@@ -141,7 +143,8 @@ def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool
     total = time.perf_counter() - t0
     handle.remove()
     denoise = marks["end"] - marks["start"]
-    profile_one_step(lambda: pipe(PROMPT, num_inference_steps=1, output_type="latent", **kw), profile_path)
+    profile_one_step(lambda: pipe(PROMPT, num_inference_steps=1, output_type="latent", **kw), profile_path,
+                     "diffusers+compile" if compile_transformer else "diffusers")
     arr = out.images[0] if hasattr(out, "images") else out.frames[0]
     arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
     name = "diffusers+compile" if compile_transformer else "diffusers"
@@ -162,7 +165,7 @@ def main() -> None:
     ap.add_argument("--engines", default="diffserve,diffusers",
                     help="comma list of: diffserve, diffserve+compile, diffserve[BACKEND], diffusers, "
                          "diffusers+compile")
-    ap.add_argument("--profile-dir", type=Path, default=None, help="write one-step kernel tables here")
+    ap.add_argument("--profile", type=Path, default=None, help="append one-step kernel tables to this file")
     args = ap.parse_args()
     w = WORKLOADS[args.workload]
     steps = args.steps or w.steps
@@ -176,7 +179,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     runs, outs = [], {}
     for name in args.engines.split(","):
-        prof = (args.profile_dir / f"{args.workload}-{name}.txt") if args.profile_dir else None
+        prof = args.profile
         if name.startswith("diffserve"):
             backend = name.split("[")[1].rstrip("]") if "[" in name else None
             r, o = run_diffserve(args.repo, w, steps, compile_blocks="+compile" in name, backend=backend,

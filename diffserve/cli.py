@@ -24,6 +24,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="attention kernel (default: the fastest one for the device)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the repeated transformer blocks (slower start, faster steps)")
+    par = p.add_argument_group("multi-GPU (docs/PARALLEL.md)")
+    par.add_argument("--num-gpus", type=int, default=None,
+                     help="processes / GPUs in all (default: the product of the settings below, else 1)")
+    par.add_argument("--ulysses-degree", type=int, default=None,
+                     help="Ulysses sequence parallelism (all-to-all over heads) inside a replica")
+    par.add_argument("--ring-degree", type=int, default=None,
+                     help="Ring sequence parallelism (K/V passed round the ranks) inside a replica")
+    par.add_argument("--enable-cfg-parallel", action="store_true",
+                     help="run the conditional and unconditional CFG branches on two rank groups")
+    par.add_argument("--dp-size", type=int, default=1,
+                     help="independent pipeline replicas behind one scheduler (default 1); "
+                          "cfg x ring x ulysses = num-gpus / dp-size")
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run one generation job in this process and write the outputs.")
     _add_engine_args(gen)
     _add_generate_args(gen)
+    from diffserve.server.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -66,9 +81,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffserve.config import GenerationRequest
     from diffserve.engine.engine import Engine
     from diffserve.media import check_output_target, load_image, resolve_format, write_images, write_videos
+    from diffserve.parallel.mesh import parallel_config_from_args
 
     engine = Engine.from_pretrained(args.model_path, dtype=args.dtype, device=args.device,
-                                    attention_backend=args.attention_backend, compile=args.compile)
+                                    attention_backend=args.attention_backend, compile=args.compile,
+                                    parallel=parallel_config_from_args(args))
     kind = engine.defaults.kind
     fmt = resolve_format(args.output_format, args.output_path, kind)
     image = load_image(args.image_path) if args.image_path else None
@@ -125,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            from diffserve.server.cli import cmd_serve
+
+            return cmd_serve(args)
         parser.error(f"unknown command {args.command}")
     except UserError as e:
         print(f"diffserve: error: {e}", file=sys.stderr)

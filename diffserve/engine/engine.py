@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,10 @@ from diffserve.layers.attention import AttentionOp, default_backend
 from diffserve.models.loader import read_model_index, resolve_model_path
 from diffserve.pipelines.base import ComposedPipeline, PipelineState, StepCallback
 from diffserve.pipelines.registry import build_pipeline
+
+if TYPE_CHECKING:
+    from diffserve.engine.multiproc import ParallelEngine
+    from diffserve.parallel.mesh import ParallelConfig
 
 
 @dataclass
@@ -55,7 +60,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_path: str, *, dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attention_backend: str | None = None,
-                        compile: bool = False) -> "Engine":
+                        compile: bool = False, parallel: ParallelConfig | None = None) -> Engine | ParallelEngine:
+        """Load a model. With `parallel` asking for more than one process (or in a torchrun world of
+        several) the engine is a `ParallelEngine` with the same API; see docs/PARALLEL.md."""
+        from diffserve.engine.multiproc import ParallelEngine, needs_parallel_engine
+
+        if needs_parallel_engine(parallel):
+            return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
+                                                  attention_backend=attention_backend, parallel=parallel)
         dev = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,

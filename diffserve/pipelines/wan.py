@@ -128,6 +128,7 @@ class WanTimestepStage(PipelineStage):
 
 class WanDenoisingStage(PipelineStage):
     name = "denoising"
+    cfg_parallel = None  # set by diffserve.parallel.cfg: runs the two CFG branches on two ranks
 
     def __init__(self, c: WanComponents) -> None:
         self.c = c
@@ -145,10 +146,14 @@ class WanDenoisingStage(PipelineStage):
             state.check_cancelled()
             inp = (torch.cat([x, cond], dim=1) if cond is not None else x).to(dt)
             ts = t.expand(x.shape[0])
-            v = model(inp, ts, state.cond["context"], img)
-            if state.uncond is not None:
-                v_u = model(inp, ts, state.uncond["context"], img)
-                v = v_u + scale * (v - v_u)
+            if state.uncond is not None and self.cfg_parallel is not None:
+                branch = lambda ctx, inp=inp, ts=ts: model(inp, ts, ctx, img)
+                v = self.cfg_parallel(branch, state.cond["context"], state.uncond["context"], scale)
+            else:
+                v = model(inp, ts, state.cond["context"], img)
+                if state.uncond is not None:
+                    v_u = model(inp, ts, state.uncond["context"], img)
+                    v = v_u + scale * (v - v_u)
             x = sampler.step(v, t, x, return_dict=False)[0]  # type: ignore[attr-defined]
             state.step_done(i + 1, total)
         state.latents = x
