@@ -1,0 +1,262 @@
+"""`ParallelEngine`: the `Engine` API over several processes (sequence, CFG and data parallelism).
+
+On one node it spawns its ranks itself (torch.multiprocessing) and talks to rank 0 over a pipe; this
+process loads no model. Under torchrun (several nodes, or one) every process calls `from_pretrained`:
+rank 0 gets the engine, and on the other ranks the call serves rank 0 and ends the process
+(`SystemExit(0)`) when rank 0 closes the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_dtype
+from diffserve.engine.distributed import (
+    Front,
+    RankRuntime,
+    WorkerSpec,
+    WorldInfo,
+    free_port,
+    init_distributed,
+    rank_device,
+    spawned_worker,
+    split_requests,
+    torchrun_env,
+    world_info,
+)
+from diffserve.engine.engine import GenerationResult
+from diffserve.models.loader import resolve_model_path
+from diffserve.parallel.mesh import ParallelConfig, ParallelConfigError
+from diffserve.pipelines.base import StepCallback
+
+StopCheck = Callable[[], bool]
+
+
+def needs_parallel_engine(parallel: ParallelConfig | None) -> bool:
+    """Whether `Engine.from_pretrained` should hand over: more than one process asked for, or this
+    process is one rank of a torchrun world of several."""
+    env = torchrun_env()
+    return (parallel is not None and parallel.world_size > 1) or (env is not None and env.world_size > 1)
+
+
+def model_heads(model_path: str) -> int | None:
+    """The transformer's attention head count from its config.json (None when not readable), so layout
+    errors are reported before any process starts."""
+    import json
+
+    try:
+        cfg = json.loads((Path(resolve_model_path(model_path)) / "transformer" / "config.json").read_text())
+        return int(cfg["num_attention_heads"])
+    except Exception:  # noqa: BLE001 - the workers report the real problem
+        return None
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    backend: str
+
+
+class _SpawnedWorld:
+    """The ranks of one node, started here; rank 0 answers over a pipe."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.cancel = ctx.Event()
+        init = f"tcp://127.0.0.1:{free_port()}"
+        self.procs = mp.start_processes(spawned_worker, args=(spec, init, child, self.cancel),
+                                        nprocs=spec.parallel.world_size, join=False, daemon=True,
+                                        start_method="spawn")
+        child.close()
+        self.closed = False
+        try:
+            self.info: WorldInfo = self._wait("ready")
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def _alive_check(self) -> None:
+        if self.procs.join(timeout=0):
+            raise RuntimeError("the parallel engine's worker processes have exited")
+
+    def _wait(self, expect: str, on_step: StepCallback | None = None, should_stop: StopCheck | None = None):
+        """Messages from rank 0 until `expect` (or "ok") arrives; worker failures raise here."""
+        while True:
+            if self.conn.poll(0.05):
+                msg = self.conn.recv()
+                if msg[0] == "step":
+                    if on_step is not None:
+                        on_step(msg[1], msg[2])
+                    continue
+                if msg[0] == "error":
+                    raise msg[1]
+                return msg[1] if len(msg) > 1 else None
+            if should_stop is not None and should_stop():
+                self.cancel.set()
+            try:
+                self._alive_check()
+            except Exception:
+                self.closed = True
+                raise
+
+    def request(self, msg: tuple, on_step: StepCallback | None = None, should_stop: StopCheck | None = None):
+        if self.closed:
+            raise RuntimeError("the parallel engine is closed")
+        self.cancel.clear()
+        if should_stop is not None and should_stop():
+            self.cancel.set()
+        self.conn.send(msg)
+        return self._wait("ok", on_step, should_stop)
+
+    def validate(self, request: GenerationRequest) -> GenerationRequest:
+        return self.request(("validate", request))
+
+    def run(self, batches: list[list[GenerationRequest]], on_step: StepCallback | None,
+            should_stop: StopCheck | None) -> list[list[GenerationResult]]:
+        return self.request(("run", batches, should_stop is not None), on_step, should_stop)
+
+    def close(self, graceful: bool = True) -> None:
+        if graceful and not self.closed:
+            deadline = time.monotonic() + 60
+            with contextlib.suppress(Exception):  # a dead or failed world is terminated below
+                self.conn.send(("stop",))
+                while not self.procs.join(timeout=1) and time.monotonic() < deadline:
+                    pass
+        self.closed = True
+        for p in self.procs.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs.processes:
+            p.join(timeout=10)
+        self.conn.close()
+
+
+class _LocalFront:
+    """Rank 0 of a torchrun world, in this process."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.info = world_info(front.runtime)
+
+    def validate(self, request: GenerationRequest) -> GenerationRequest:
+        return self.front.validate(request)
+
+    def run(self, batches: list[list[GenerationRequest]], on_step: StepCallback | None,
+            should_stop: StopCheck | None) -> list[list[GenerationResult]]:
+        with torch.inference_mode():
+            return self.front.dispatch(batches, on_step, should_stop)
+
+    def close(self, graceful: bool = True) -> None:
+        if not self.front.stopped:
+            self.front.shutdown()
+            dist.destroy_process_group()
+
+
+class ParallelEngine:
+    """Same public API as `Engine` (from_pretrained, defaults, validate, generate, generate_batch), plus
+    `generate_batches` (several batches spread over the data-parallel replicas) and `close`."""
+
+    def __init__(self, backend: _SpawnedWorld | _LocalFront, config: EngineConfig) -> None:
+        self._backend = backend
+        info = backend.info
+        self.config = config
+        self.parallel: ParallelConfig = info.parallel
+        self.model_root = Path(info.model_root)
+        self.attention = AttentionInfo(info.attention_backend)
+        self._info = info
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, backend.close)  # also runs at interpreter exit
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, *, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device | None = None, attention_backend: str | None = None,
+                        compile: bool = False, parallel: ParallelConfig | None = None,
+                        timeout_s: float = 1800.0) -> ParallelEngine:
+        """Start the ranks (or join torchrun's) and load the model on each. Layout errors are raised here
+        as ParallelConfigError before any process starts."""
+        env = torchrun_env()
+        parallel = parallel or ParallelConfig(num_gpus=env.world_size if env else None)
+        if env is not None and parallel.world_size != env.world_size:
+            raise ParallelConfigError(f"--num-gpus {parallel.world_size} does not match the {env.world_size} "
+                                      f"processes torchrun started (WORLD_SIZE)", param="num_gpus")
+        dev = torch.device(device) if device is not None else default_device()
+        if dev.type not in ("cuda", "cpu"):
+            raise ParallelConfigError(f"multi-process runs use CUDA (NCCL) or the CPU (gloo), not {dev.type}",
+                                      param="device")
+        dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        spec = WorkerSpec(model_path=model_path, dtype=dt, device_type=dev.type, attention_backend=attention_backend,
+                          parallel=parallel.resolve(model_heads(model_path)), compile=compile, timeout_s=timeout_s)
+        config = EngineConfig(model_path=model_path, dtype=dt, device=torch.device(dev.type),
+                              attention_backend=attention_backend, compile=compile)
+        if env is None:
+            return cls(_SpawnedWorld(spec), config)
+        return cls(_join_torchrun(spec, env), config)
+
+    # -- properties as on Engine ----------------------------------------------------------------------------
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self._info.defaults  # type: ignore[return-value]
+
+    @property
+    def pipeline_class(self) -> str:
+        return self._info.pipeline_class
+
+    # -- generation -----------------------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> GenerationRequest:
+        """Fill defaults and validate without running the model (raises InvalidRequestError)."""
+        with self._lock:
+            return self._backend.validate(request)
+
+    def generate(self, prompt: str | None = None, *, on_step: StepCallback | None = None,
+                 should_stop: StopCheck | None = None, **params: object) -> GenerationResult:
+        request = GenerationRequest(prompt=prompt if prompt is not None else "", **params)  # type: ignore[arg-type]
+        return self.generate_batch([request], on_step=on_step, should_stop=should_stop)[0]
+
+    def generate_batch(self, requests: list[GenerationRequest], *, on_step: StepCallback | None = None,
+                       should_stop: StopCheck | None = None) -> list[GenerationResult]:
+        """Compatible requests, as on `Engine`; with D replicas they are cut into up to D chunks that run
+        at the same time. Results in request order."""
+        chunks = split_requests(list(requests), self.parallel.dp_size) if requests else [[]]
+        out = self.generate_batches(chunks, on_step=on_step, should_stop=should_stop)
+        return [r for chunk in out for r in chunk]
+
+    def generate_batches(self, batches: list[list[GenerationRequest]], *, on_step: StepCallback | None = None,
+                         should_stop: StopCheck | None = None) -> list[list[GenerationResult]]:
+        """Several independent batches, spread over the replicas (a replica runs its share in order)."""
+        with self._lock:
+            return self._backend.run([list(b) for b in batches], on_step, should_stop)
+
+    def close(self) -> None:
+        """Stop the worker ranks (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> ParallelEngine:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _join_torchrun(spec: WorkerSpec, env) -> _LocalFront:
+    """This process is one rank of a torchrun world: rank 0 returns the front; the others serve until rank
+    0 closes the engine, then exit."""
+    device = rank_device(spec.device_type, env.local_rank, env.local_world_size)
+    init_distributed(env.rank, env.world_size, "env://", device, spec.timeout_s)
+    runtime = RankRuntime.build(spec, device)
+    if env.rank == 0:
+        return _LocalFront(Front(runtime))
+    runtime.serve_forever()
+    dist.destroy_process_group()
+    raise SystemExit(0)

@@ -1,0 +1,8 @@
+"""`diffserve serve`: an OpenAI-compatible HTTP API (images, image edits, video jobs) over one model.
+
+Process layout: the front process runs FastAPI on uvicorn (`app`, `routes_*`), validates requests against
+the model's defaults and queues them (`scheduler`); a supervisor thread (`supervisor`) cuts batches from the
+queue and feeds them to the model worker, a separate spawned process that owns the `Engine` (`worker`),
+relaying progress and results back and restarting the worker if it dies. Video jobs live in `jobs`,
+metrics in `metrics`, request bodies and the error shape in `protocol`, the CLI in `cli`.
+"""

@@ -1,0 +1,138 @@
+"""`diffserve serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn, model in a worker process).
+
+Exit status: 0 after a graceful shutdown (SIGTERM / SIGINT; a second SIGINT forces it), 1 when the model
+cannot be loaded or the port cannot be bound, 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from diffserve.errors import UserError
+
+FAULT_INJECTION_ENV = "DIFFSERVE_SERVER_FAULT_INJECTION"
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serve` on the top-level parser's subcommands."""
+    from diffserve import cli as main_cli
+
+    p = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve one model over an OpenAI-compatible HTTP API (images, image edits, video jobs). "
+                    "The model runs in a worker process fed by a batching queue.")
+    main_cli._add_engine_args(p)
+    net = p.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    net.add_argument("--port", type=int, default=30000, help="port to bind (default 30000)")
+    net.add_argument("--api-key", default=os.environ.get("DIFFSERVE_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on every /v1 route (default: $DIFFSERVE_API_KEY; "
+                          "none: open)")
+    net.add_argument("--served-model-name", default=None,
+                     help="the model id clients use (default: the model folder's name)")
+    net.add_argument("--output-dir", type=Path, default=Path("outputs") / "server",
+                     help="where url images and videos are written (default outputs/server)")
+    net.add_argument("--allow-url-inputs", action="store_true",
+                     help="fetch input images given as http(s) URLs (never from loopback or private addresses)")
+    net.add_argument("--max-upload-mb", type=float, default=20.0,
+                     help="largest request body accepted, in MiB; larger ones get 413 (default 20)")
+    net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                     help="server log level (default info)")
+    q = p.add_argument_group("queue and batching")
+    q.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait; more get 429 (default 256)")
+    q.add_argument("--max-batch-size", type=int, default=8,
+                   help="outputs denoised together in one batch, also the largest n per request (default 8)")
+    q.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for compatible ones to batch with (default 5 ms)")
+    q.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds the running batch may finish in at shutdown before it is cancelled (default 30)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name, low in (("max_queue", 1), ("max_batch_size", 1)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port number")
+    if args.max_upload_mb <= 0 or args.batch_wait_ms < 0 or args.shutdown_grace < 0:
+        raise UserError("--max-upload-mb must be positive; --batch-wait-ms and --shutdown-grace not negative")
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --output-dir {args.output_dir}: {e.strerror or e}") from None
+    if not os.access(args.output_dir, os.W_OK):
+        raise UserError(f"--output-dir {args.output_dir} is not writable")
+
+
+def _model_id(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    path = Path(args.model_path)
+    return path.resolve().name if path.exists() else args.model_path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM / SIGINT."""
+    import uvicorn
+
+    from diffserve.server.app import create_app
+    from diffserve.server.messages import WorkerConfig
+    from diffserve.server.runtime import Runtime, ServerConfig
+
+    _check_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    worker = WorkerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
+                          attention_backend=args.attention_backend, compile=getattr(args, "compile", False),
+                          fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
+    config = ServerConfig(
+        worker=worker, model_id=_model_id(args), api_key=args.api_key or None, max_queue=args.max_queue,
+        max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000, output_dir=args.output_dir,
+        allow_url_inputs=args.allow_url_inputs, max_upload_bytes=int(args.max_upload_mb * 2**20),
+        shutdown_grace_s=args.shutdown_grace)
+    fatal: list[str] = []
+
+    def on_fatal(message: str) -> None:
+        fatal.append(message)
+        server.should_exit = True
+
+    runtime = Runtime(config, on_fatal=on_fatal)
+    uv_config = uvicorn.Config(create_app(runtime), host=args.host, port=args.port, log_level=args.log_level,
+                               timeout_graceful_shutdown=int(args.shutdown_grace) + 30)
+    server = _server_class()(uv_config, runtime)
+    # uvicorn re-raises the signal that stopped it once it is done; these no-op handlers make that a clean exit.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    print(f"diffserve: serving {config.model_id} on http://{args.host}:{args.port} (model loading in the worker; "
+          "GET /health says when it is ready)", file=sys.stderr)
+    server.run()
+    if fatal:
+        print(f"diffserve: error: the model could not be loaded: {fatal[0]}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+def _server_class():
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, starting our shutdown sequence (fail queued work, stop the worker) on a signal."""
+
+        def __init__(self, config: uvicorn.Config, runtime) -> None:
+            super().__init__(config)
+            self.runtime = runtime
+
+        def handle_exit(self, sig: int, frame) -> None:
+            # Locks are taken there, so not in this signal handler.
+            threading.Thread(target=self.runtime.begin_shutdown, name="diffserve-begin-shutdown").start()
+            super().handle_exit(sig, frame)
+
+    return _Server
+

@@ -1,0 +1,127 @@
+"""Reading request bodies: JSON or multipart forms (OpenAI's SDK sends edits and videos as multipart), the
+files uploaded with them, and input images given as uploads, data URLs or (only with --allow-url-inputs,
+never to loopback or private addresses) http(s) URLs. Image decoding and URL fetching are diffserve.media's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+
+from diffserve.errors import UserError
+from diffserve.server.protocol import APIError, from_user_error
+
+MAX_FORM_FILES = 16
+MAX_FORM_FIELDS = 64
+
+
+class PayloadTooLarge(HTTPException):
+    """A request body over the server's upload limit (answered 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes "
+                              "(--max-upload-mb)")
+
+
+def is_form(request: Request) -> bool:
+    ctype = request.headers.get("content-type", "").lower()
+    return ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
+
+
+async def read_json(request: Request) -> Any:
+    """The JSON body (400 when it is not JSON)."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request ({e}). The body must be JSON, or "
+                            "multipart/form-data for uploads.") from None
+
+
+def _set_field(fields: dict[str, Any], key: str, value: str) -> None:
+    """Store form field `key` in `fields`, unfolding OpenAI SDK keys ``a[b]`` (nested) and ``a[]`` (lists)."""
+    if key.endswith("[]"):
+        fields.setdefault(key[:-2], []).append(value)
+    elif "[" in key and key.endswith("]"):
+        outer, inner = key[:-1].split("[", 1)
+        nested = fields.setdefault(outer, {})
+        if not isinstance(nested, dict):
+            raise APIError(400, f"form field {outer!r} is given both as a value and as an object", param=outer)
+        nested[inner] = value
+    else:
+        fields[key] = value
+
+
+async def read_form(request: Request, max_file_bytes: int) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
+    """A multipart (or urlencoded) body as (fields, files): files by field name (``image[]`` -> ``image``),
+    each read fully; a file over `max_file_bytes` is a 413."""
+    if not is_form(request):
+        raise APIError(400, "this endpoint takes multipart/form-data (or a JSON body where documented); "
+                            f"got content-type {request.headers.get('content-type')!r}")
+    try:
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+    except MultiPartException as e:
+        raise APIError(400, f"malformed multipart body: {e.message}") from None
+    fields: dict[str, Any] = {}
+    files: dict[str, list[bytes]] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read(max_file_bytes + 1)
+            await value.close()
+            if len(data) > max_file_bytes:
+                raise PayloadTooLarge(max_file_bytes)
+            files.setdefault(key.removesuffix("[]"), []).append(data)
+        else:
+            _set_field(fields, key, value)
+    return fields, files
+
+
+def _decode(data: bytes) -> Any:
+    from diffserve.media import decode_image
+
+    try:
+        return decode_image(data)
+    except UserError as e:
+        raise from_user_error(e) from None
+
+
+async def image_from_upload(data: bytes, *, param: str) -> Any:
+    """An uploaded image file as an RGB PIL image (400 when it is not an accepted image type)."""
+    try:
+        return await asyncio.to_thread(_decode, data)
+    except APIError as e:
+        e.param = param
+        raise
+
+
+def check_url_allowed(url: str, *, allow_urls: bool, param: str) -> None:
+    """Refuse http(s) image URLs at once when the server does not fetch URLs."""
+    scheme = url.strip().split(":", 1)[0].lower()
+    if scheme in ("http", "https") and not allow_urls:
+        raise APIError(400, "image URLs are not fetched by this server (it was started without "
+                            "--allow-url-inputs); upload the image or send a data URL", param=param)
+
+
+async def image_from_url(url: str, *, allow_urls: bool, max_bytes: int, param: str) -> Any:
+    """An image given as an http(s) URL (fetched only when allowed, never from loopback or private
+    addresses), a data URL or base64, as an RGB PIL image."""
+    from diffserve.media import load_image
+
+    check_url_allowed(url, allow_urls=allow_urls, param=param)
+
+    def load() -> Any:
+        try:
+            return load_image(url, allow_urls=allow_urls, max_bytes=max_bytes, block_private=True,
+                              allow_paths=False)
+        except UserError as e:
+            err = from_user_error(e)
+            err.param = param
+            raise err from None
+
+    return await asyncio.to_thread(load)

@@ -1,0 +1,116 @@
+"""What the front process and the model worker send each other over their pipes (all picklable).
+
+Front -> worker, task pipe: `WorkerConfig` (at spawn), then one `BatchTask` at a time, `None` to stop.
+Front -> worker, cancel pipe: an item id (stop that request) or `CANCEL_ALL` (shutdown).
+Worker -> front, event pipe: `Ready` or `LoadFailed` once, then per batch any number of `Progress`, one
+`ItemDone` per item, and a closing `BatchDone`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffserve.config import GenerationRequest, ModelDefaults
+
+CANCEL_ALL = "*"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How the worker builds its engine."""
+
+    model_path: str
+    dtype: str | None = None
+    device: str | None = None
+    attention_backend: str | None = None
+    compile: bool = False
+    fault_injection: bool = False  # test hook, see diffserve.server.worker
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How to deliver one request's outputs: encoded bytes back to the front (paths None), or files written
+    by the worker at `paths` (one per output)."""
+
+    fmt: str
+    quality: int = 95
+    paths: tuple[Path, ...] | None = None
+
+
+@dataclass
+class TaskItem:
+    """One request of a batch."""
+
+    item_id: str
+    request: GenerationRequest  # validated, every default filled
+    output: OutputSpec
+
+
+@dataclass
+class BatchTask:
+    """Requests with equal batch keys, to be denoised together."""
+
+    batch_id: int
+    items: list[TaskItem]
+
+
+@dataclass
+class Ready:
+    """The engine is loaded."""
+
+    defaults: ModelDefaults
+    pipeline_class: str
+    device: str
+    dtype: str
+    pid: int
+
+
+@dataclass
+class LoadFailed:
+    """The engine could not be built; `user_error` when the model path or files are at fault."""
+
+    message: str
+    user_error: bool
+
+
+@dataclass
+class Progress:
+    """A denoising step finished for the listed items."""
+
+    batch_id: int
+    item_ids: list[str]
+    done: int
+    total: int
+
+
+@dataclass
+class ItemError:
+    """Why one item failed, in the API's error terms."""
+
+    status: int
+    message: str
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+
+
+@dataclass
+class ItemDone:
+    """One item's outcome: encoded outputs (`blobs`) or written files (`paths`), or an error."""
+
+    batch_id: int
+    item_id: str
+    blobs: list[bytes] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    seed: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: ItemError | None = None
+
+
+@dataclass
+class BatchDone:
+    """Every item of the batch has been reported."""
+
+    batch_id: int
+    outputs: int  # how many outputs were denoised together (for metrics)

@@ -1,0 +1,199 @@
+"""Request bodies of the HTTP API, OpenAI's error shape, and the rules that turn API fields into a
+`GenerationRequest` (size strings, Videos API `seconds` -> frames).
+
+Bodies are strict pydantic models: a wrong JSON type is a 400, never silently coerced (multipart forms,
+where every value is text, are validated in lax mode instead). Unknown fields are refused, except the
+OpenAI fields that mean nothing for a diffusion model, which are accepted and ignored (listed per body).
+
+Extensions accepted in the same body as OpenAI's fields (all optional; the model's default when left out):
+``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``seed``; videos also ``num_frames``
+(4k+1, overrides ``seconds``) and ``fps``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from diffserve.config import GenerationRequest, ModelDefaults, resolve_request
+from diffserve.errors import UserError
+
+# Parameters of GenerationRequest named differently in the API (errors name the API field).
+_PARAM_ALIASES = {"height": "size", "width": "size", "num_outputs": "n"}
+_SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+
+
+class APIError(Exception):
+    """An error answered to the client as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+    def __reduce__(self) -> tuple:  # picklable, so errors can cross the worker pipe
+        return (_rebuild_api_error, (self.status, self.message, self.type, self.param, self.code))
+
+
+def _rebuild_api_error(status: int, message: str, type_: str, param: str | None, code: str | None) -> APIError:
+    return APIError(status, message, type=type_, param=param, code=code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's JSON error shape."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def from_user_error(e: UserError) -> APIError:
+    """A `UserError` from the engine or media helpers as an APIError (API field names in `param`)."""
+    return APIError(e.http_status, str(e), type=e.error_type, param=_PARAM_ALIASES.get(e.param or "", e.param))
+
+
+def from_validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """The first pydantic / FastAPI validation error as a 400 in OpenAI's wording."""
+    if not errors:
+        return APIError(400, "invalid request body")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif kind.startswith("json"):
+        message = ("We could not parse the JSON body of your request. The body must be valid JSON "
+                   f"({first.get('msg', 'invalid JSON')}).")
+        param = None
+    elif param is None:
+        message = f"Invalid request body: {first.get('msg', 'invalid value')}"
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid value')}"
+    return APIError(400, message, param=param, code="invalid_value" if kind != "missing" else None)
+
+
+class _Body(BaseModel):
+    """Strict, closed request body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @classmethod
+    def parse(cls, data: Any, *, lax: bool = False) -> Any:
+        """Validate `data` (lax for multipart forms, whose values are all text); 400 APIError on failure."""
+        try:
+            return cls.model_validate(data, strict=not lax)
+        except ValidationError as e:
+            raise from_validation_error(e.errors(include_url=False)) from None
+
+
+class SamplingExtensions(_Body):
+    """Sampling fields beyond OpenAI's, accepted in every generation body."""
+
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+class ImageGenerationBody(SamplingExtensions):
+    """`POST /v1/images/generations`. `quality`, `style`, `user`, `moderation` and `background` ("auto" or
+    "opaque") are accepted for compatibility and ignored; `stream` must be false."""
+
+    prompt: str
+    model: str | None = None
+    n: int | None = None
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: str | None = None
+    output_compression: int | None = None  # JPEG / WebP quality 0-100
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    moderation: str | None = None
+    background: Literal["auto", "opaque"] | None = None
+    stream: Literal[False] | None = None
+
+
+class ImageEditBody(ImageGenerationBody):
+    """`POST /v1/images/edits` form fields besides the `image` files. `input_fidelity` is ignored; a `mask`
+    file is refused (inpainting masks are not supported)."""
+
+    input_fidelity: str | None = None
+
+
+class ImageReference(_Body):
+    """`input_reference` given by reference rather than uploaded: an http(s) or data URL."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+class VideoCreateBody(SamplingExtensions):
+    """`POST /v1/videos`. `seconds` maps to frames (see `frames_for_seconds`); `num_frames` overrides it."""
+
+    prompt: str
+    model: str | None = None
+    seconds: str | int | float | None = None
+    size: str | None = None
+    input_reference: ImageReference | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's "WxH" size string -> (width, height); None or "auto" -> the model's default."""
+    if size is None or size.strip().lower() == "auto":
+        return None, None
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise APIError(400, f"size {size!r} is not accepted: give it as WIDTHxHEIGHT in pixels, e.g. 1024x1024",
+                       param="size")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_seconds(value: str | float | None) -> float | None:
+    """The Videos API's `seconds` (a numeric string or number) as a positive float."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise APIError(400, f"seconds={value!r} is not a number", param="seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise APIError(400, f"seconds={value!r} is not accepted: it must be a positive number", param="seconds")
+    return seconds
+
+
+def frames_for_seconds(seconds: float, defaults: ModelDefaults, fps: int) -> int:
+    """Frames for a clip of `seconds` at `fps`: the 4k+1 count nearest to seconds*fps (halves round up),
+    at least the model's smallest 4k+1 count; longer than its largest is a 400 naming the maximum seconds.
+    E.g. Wan at 16 fps: 5 s -> 81 frames, 4 s -> 65, 0.3 s -> 5."""
+    k = max(0, math.floor((seconds * fps - 1) / 4 + 0.5))
+    frames = 4 * k + 1
+    lo = defaults.min_frames + (-(defaults.min_frames - 1)) % 4
+    hi = defaults.max_frames - (defaults.max_frames - 1) % 4
+    if frames > hi:
+        raise APIError(400, f"seconds={seconds:g} is too long for this model: at most {hi / fps:g} s "
+                            f"({hi} frames at {fps} fps)", param="seconds")
+    return max(frames, lo)
+
+
+def resolve(req: GenerationRequest, defaults: ModelDefaults) -> GenerationRequest:
+    """Fill the model's defaults and validate (diffserve.config rules); a 400 naming the API field."""
+    try:
+        return resolve_request(req, defaults, seed=secrets.randbelow(2**31))
+    except UserError as e:
+        raise from_user_error(e) from None
+

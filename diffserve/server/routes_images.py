@@ -1,0 +1,122 @@
+"""`POST /v1/images/generations` and `POST /v1/images/edits` in OpenAI's request and response shapes.
+
+Response: ``{"created", "data": [{"b64_json"} | {"url"}], "output_format", "size", "seed"}`` (``seed``
+is an extension: the request's seed; its n images come from that one seed). ``response_format`` defaults to
+``b64_json``; ``url`` results are files in ``<output-dir>/images`` served at ``/outputs/images/<name>``
+under unguessable names, without the API key (as capability URLs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from diffserve.config import GenerationRequest
+from diffserve.errors import UserError
+from diffserve.server.inputs import image_from_upload, read_form
+from diffserve.server.messages import ItemDone, OutputSpec
+from diffserve.server.protocol import (
+    APIError,
+    ImageEditBody,
+    ImageGenerationBody,
+    from_user_error,
+    parse_size,
+    resolve,
+)
+from diffserve.server.runtime import Runtime
+from diffserve.server.scheduler import WorkItem
+
+router = APIRouter()
+
+_SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+
+
+def _output_spec(rt: Runtime, body: ImageGenerationBody, n: int) -> tuple[OutputSpec, str]:
+    """How the worker delivers the images (bytes, or files for url results), and the format name."""
+    from diffserve.media import normalize_format
+
+    try:
+        fmt = normalize_format(body.output_format or "png", "image")
+    except UserError as e:
+        raise from_user_error(e) from None
+    quality = 95 if body.output_compression is None else body.output_compression
+    if not 0 <= quality <= 100:
+        raise APIError(400, f"output_compression={quality} is not accepted: it must be between 0 and 100",
+                       param="output_compression")
+    paths = None
+    if (body.response_format or "b64_json") == "url":
+        paths = tuple(rt.image_dir / f"img_{secrets.token_hex(16)}{_SUFFIX[fmt]}" for _ in range(n))
+    return OutputSpec(fmt=fmt, quality=quality, paths=paths), fmt
+
+
+def _build_request(rt: Runtime, body: ImageGenerationBody, image: Any) -> GenerationRequest:
+    """Validate the body against the model and this server's limits; a filled GenerationRequest."""
+    defaults = rt.defaults()
+    if defaults.kind != "image":
+        raise APIError(400, f"model '{rt.config.model_id}' makes videos; use POST /v1/videos", param="model")
+    if body.stream:
+        raise APIError(400, "streaming image generation is not supported; leave stream unset", param="stream")
+    n = 1 if body.n is None else body.n
+    if n > rt.config.max_batch_size:
+        raise APIError(400, f"n={n} is not accepted: this server makes at most {rt.config.max_batch_size} "
+                            "images per request (--max-batch-size)", param="n")
+    width, height = parse_size(body.size)
+    return resolve(GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
+        num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed,
+        num_outputs=n, image=image), defaults)
+
+
+async def _generate(rt: Runtime, request: Request, body: ImageGenerationBody, image: Any) -> dict[str, Any]:
+    """Queue one image request, wait for its result, and shape the response."""
+    rt.check_model(body.model)
+    req = _build_request(rt, body, image)
+    spec, fmt = _output_spec(rt, body, req.num_outputs)
+    item = WorkItem(id=f"img_{secrets.token_hex(12)}", kind="image", request=req, output=spec)
+    rt.submit(item)
+    done: ItemDone = await asyncio.wrap_future(item.future)
+    if spec.paths is not None:
+        base = str(request.base_url).rstrip("/")
+        data = [{"url": f"{base}/outputs/images/{p.name}", "revised_prompt": None} for p in done.paths]
+    else:
+        data = [{"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": None} for b in done.blobs]
+    return {"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{req.width}x{req.height}",
+            "seed": done.seed}
+
+
+@router.post("/images/generations")
+async def create_image(body: ImageGenerationBody, request: Request) -> dict[str, Any]:
+    """Text-to-image (OpenAI Images API)."""
+    return await _generate(request.app.state.runtime, request, body, image=None)
+
+
+@router.post("/images/edits")
+async def edit_image(request: Request) -> dict[str, Any]:
+    """Image + prompt to image, for models that take an input image (multipart: ``image`` file(s) and the
+    same fields as generations)."""
+    rt: Runtime = request.app.state.runtime
+    defaults = rt.defaults()
+    fields, files = await read_form(request, rt.config.max_upload_bytes)
+    body = ImageEditBody.parse(fields, lax=True)
+    rt.check_model(body.model)
+    if defaults.kind != "image" or not defaults.accepts_image:
+        what = "makes videos (use POST /v1/videos with input_reference)" if defaults.kind == "video" else (
+            "does not take an input image, so it cannot edit images (use POST /v1/images/generations)")
+        raise APIError(400, f"model '{rt.config.model_id}' {what}", param="image", code="unsupported_model")
+    if "mask" in files:
+        raise APIError(400, "masks are not supported by this server", param="mask")
+    unknown = set(files) - {"image"}
+    if unknown:
+        raise APIError(400, f"Unrecognized file field supplied: {min(unknown)}", param=min(unknown))
+    uploads = files.get("image", [])
+    if not uploads:
+        raise APIError(400, "Missing required parameter: 'image' (one image file).", param="image")
+    if len(uploads) > 1:
+        raise APIError(400, f"this model takes one input image; got {len(uploads)}", param="image")
+    image = await image_from_upload(uploads[0], param="image")
+    return await _generate(rt, request, body, image=image)

@@ -1,0 +1,185 @@
+"""The Videos API: create a job, poll it, download its MP4, list and delete jobs.
+
+`POST /v1/videos` takes multipart (what OpenAI's SDK sends; ``input_reference`` as an uploaded file or as
+``input_reference[image_url]``) or JSON (``input_reference: {"image_url": ...}``). Duration: ``num_frames``
+when given, else ``seconds`` mapped to the 4k+1 frame count nearest to seconds*fps
+(`diffserve.server.protocol.frames_for_seconds`), else the model's default frame count. ``fps`` defaults to
+the model's. The job is answered at once (status ``queued``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+
+from diffserve.config import GenerationRequest
+from diffserve.server.inputs import (
+    check_url_allowed,
+    image_from_upload,
+    image_from_url,
+    is_form,
+    read_form,
+    read_json,
+)
+from diffserve.server.jobs import VideoJob
+from diffserve.server.messages import OutputSpec
+from diffserve.server.protocol import (
+    APIError,
+    VideoCreateBody,
+    frames_for_seconds,
+    parse_seconds,
+    parse_size,
+    resolve,
+)
+from diffserve.server.runtime import Runtime
+from diffserve.server.scheduler import WorkItem
+
+router = APIRouter()
+
+
+async def _parse_body(rt: Runtime, request: Request) -> tuple[VideoCreateBody, bytes | None]:
+    """The create body, and the uploaded input_reference file if one came."""
+    if not is_form(request):
+        return VideoCreateBody.parse(await read_json(request)), None
+    fields, files = await read_form(request, rt.config.max_upload_bytes)
+    body = VideoCreateBody.parse(fields, lax=True)
+    unknown = set(files) - {"input_reference"}
+    if unknown:
+        name = min(unknown)
+        raise APIError(400, f"Unrecognized file field supplied: {name}", param=name)
+    uploads = files.get("input_reference", [])
+    if len(uploads) > 1 or (uploads and body.input_reference is not None):
+        raise APIError(400, "give one input_reference", param="input_reference")
+    return body, (uploads[0] if uploads else None)
+
+
+async def _input_image(rt: Runtime, body: VideoCreateBody, upload: bytes | None) -> Any:
+    """The input_reference as a PIL image (None without one), checked against what the model takes."""
+    ref = body.input_reference
+    if ref is not None and ref.file_id is not None:
+        raise APIError(400, "input_reference.file_id is not supported here; upload the image or give image_url",
+                       param="input_reference")
+    if ref is not None and ref.image_url is None:
+        raise APIError(400, "input_reference needs image_url", param="input_reference")
+    if ref is not None:
+        check_url_allowed(ref.image_url or "", allow_urls=rt.config.allow_url_inputs, param="input_reference")
+    defaults = rt.defaults()
+    if (upload is not None or ref is not None) and not defaults.accepts_image:
+        raise APIError(400, f"model '{rt.config.model_id}' does not take an input image (input_reference)",
+                       param="input_reference")
+    if upload is not None:
+        return await image_from_upload(upload, param="input_reference")
+    if ref is not None:
+        return await image_from_url(ref.image_url or "", allow_urls=rt.config.allow_url_inputs,
+                                    max_bytes=rt.config.max_upload_bytes, param="input_reference")
+    if defaults.needs_image:
+        raise APIError(400, f"model '{rt.config.model_id}' makes videos from an image: give input_reference",
+                       param="input_reference")
+    return None
+
+
+def _build_request(rt: Runtime, body: VideoCreateBody, image: Any) -> GenerationRequest:
+    defaults = rt.defaults()
+    fps = body.fps if body.fps is not None else (defaults.fps or 16)
+    frames = body.num_frames
+    seconds = parse_seconds(body.seconds)
+    if frames is None and seconds is not None:
+        frames = frames_for_seconds(seconds, defaults, fps)
+    width, height = parse_size(body.size)
+    return resolve(GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
+        num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed,
+        num_frames=frames, fps=body.fps, image=image), defaults)
+
+
+@router.post("/videos")
+async def create_video(request: Request) -> dict[str, Any]:
+    """Queue a text-to-video or image-to-video job; answers the job at once."""
+    rt: Runtime = request.app.state.runtime
+    defaults = rt.defaults()
+    body, upload = await _parse_body(rt, request)
+    rt.check_model(body.model)
+    if defaults.kind != "video":
+        raise APIError(400, f"model '{rt.config.model_id}' makes images; use POST /v1/images/generations",
+                       param="model")
+    image = await _input_image(rt, body, upload)
+    req = _build_request(rt, body, image)
+    assert req.num_frames is not None and req.fps is not None
+    job_id = f"video_{secrets.token_hex(12)}"
+    seconds = str(body.seconds) if body.seconds is not None else f"{req.num_frames / req.fps:g}"
+    job = VideoJob(id=job_id, model=rt.config.model_id, prompt=req.prompt, size=f"{req.width}x{req.height}",
+                   seconds=seconds, num_frames=req.num_frames, fps=req.fps, seed=int(req.seed or 0),
+                   num_inference_steps=int(req.num_inference_steps or 0), path=rt.video_dir / f"{job_id}.mp4")
+    item = WorkItem(id=job_id, kind="video", request=req, output=OutputSpec(fmt="mp4", paths=(job.path,)),
+                    on_start=lambda: rt.jobs.started(job_id),
+                    on_progress=lambda done, total: rt.jobs.progressed(job_id, done, total))
+    job.item = item
+    rt.jobs.add(job)
+    try:
+        rt.submit(item)
+    except APIError:
+        rt.jobs.remove(job_id)
+        raise
+    item.future.add_done_callback(lambda f: rt.jobs.finished(job_id, f))
+    return job.to_api()
+
+
+def _unknown(video_id: str) -> APIError:
+    return APIError(404, f"No video found with id '{video_id}'", param="video_id", code="not_found")
+
+
+@router.get("/videos")
+async def list_videos(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                      order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+    """Jobs newest first (``order=asc`` for oldest first), ``limit`` per page, paged with ``after``."""
+    rt: Runtime = request.app.state.runtime
+    data, has_more = rt.jobs.page(after=after, limit=limit, order=order)
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/videos/{video_id}")
+async def retrieve_video(video_id: str, request: Request) -> dict[str, Any]:
+    job = request.app.state.runtime.jobs.get(video_id)
+    if job is None:
+        raise _unknown(video_id)
+    return job
+
+
+@router.get("/videos/{video_id}/content")
+async def video_content(video_id: str, request: Request, variant: str = "video") -> FileResponse:
+    """The MP4 of a completed job (409 while it is not completed)."""
+    found = request.app.state.runtime.jobs.content(video_id)
+    if found is None:
+        raise _unknown(video_id)
+    if variant != "video":
+        raise APIError(400, f"variant {variant!r} is not available; only 'video' is", param="variant")
+    status, path = found
+    if status != "completed":
+        raise APIError(409, f"video '{video_id}' is {status}, not completed; its content is not available",
+                       code="video_not_ready")
+    if not path.is_file():
+        raise APIError(404, f"the file of video '{video_id}' is gone", code="not_found")
+    return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+
+
+@router.delete("/videos/{video_id}")
+async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
+    """Forget a job: a queued one leaves the queue, a running one stops at its next denoising step, and its
+    file (if written) is removed."""
+    rt: Runtime = request.app.state.runtime
+    job = rt.jobs.remove(video_id)
+    if job is None:
+        raise _unknown(video_id)
+    item = job.item
+    if item is not None:
+        item.cancelled = True
+        if rt.scheduler.remove(item.id) is not None:
+            item.fail(APIError(409, "the request was cancelled", code="cancelled"))
+        else:
+            rt.supervisor.cancel(item)
+    job.path.unlink(missing_ok=True)
+    return {"id": video_id, "object": "video.deleted", "deleted": True}

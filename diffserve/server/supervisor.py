@@ -1,0 +1,380 @@
+"""The front process's side of the model worker: start it, feed it batches from the scheduler, relay its
+progress and results to the waiting requests, and restart it when it dies.
+
+One thread runs the loop below; one batch is in the worker at a time (the next one is cut when it ends, so
+requests that arrive meanwhile batch together). Worker states, shown on /health:
+
+* ``starting``: the first worker is loading the model (requests get 503 until it is ready);
+* ``ready``: serving;
+* ``restarting``: the worker died (or is being replaced); requests stay queued and run on the new worker,
+  but the ones it was running fail at once with a ``worker_died`` error instead of hanging;
+* ``dead``: the model could not be loaded (or the worker kept dying while loading); requests get 503;
+* ``stopped``: the server shut down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from diffserve.config import ModelDefaults
+from diffserve.server.messages import (
+    CANCEL_ALL,
+    BatchDone,
+    BatchTask,
+    ItemDone,
+    LoadFailed,
+    Progress,
+    Ready,
+    WorkerConfig,
+)
+from diffserve.server.metrics import ServerMetrics
+from diffserve.server.protocol import APIError
+from diffserve.server.scheduler import Scheduler, WorkItem, shutting_down_error
+from diffserve.server.worker import worker_main
+
+log = logging.getLogger("diffserve.server")
+
+MAX_LOAD_FAILURES = 3  # consecutive failed (re)loads before the worker is declared dead
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class _WorkerDied(Exception):
+    """The worker process ended while it was expected to answer."""
+
+
+class WorkerSupervisor:
+    """Owns the worker process and the thread that serves the scheduler's batches with it."""
+
+    def __init__(self, cfg: WorkerConfig, scheduler: Scheduler, metrics: ServerMetrics | None = None,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.on_fatal = on_fatal
+        self.state = "starting"
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.info: Ready | None = None
+        self.loaded = threading.Event()  # set once the model is loaded, or loading failed for good
+        self._hopeless = False
+        self._running: dict[str, WorkItem] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._batch_ids = itertools.count(1)
+        self._proc: Any = None
+        self._tasks: Connection | None = None
+        self._events: Connection | None = None
+        self._cancels: Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="diffserve-supervisor", daemon=True)
+
+    # ---------------------------------------------------------------------------------------------- public
+
+    @property
+    def defaults(self) -> ModelDefaults | None:
+        return self.info.defaults if self.info else None
+
+    @property
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Worker state for /health."""
+        with self._lock:
+            running = len(self._running)
+        info = self.info
+        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "last_error": self.last_error,
+                "running": running, "pipeline": info.pipeline_class if info else None,
+                "device": info.device if info else None, "dtype": info.dtype if info else None}
+
+    def cancel(self, item: WorkItem) -> bool:
+        """Ask the worker to stop `item` at its next step; False when it is not running."""
+        item.cancelled = True
+        with self._lock:
+            if item.id not in self._running:
+                return False
+            self._send_cancel(item.id)
+        return True
+
+    def stop(self, grace_s: float) -> None:
+        """Shut down: let the running batch finish for up to `grace_s`, then cancel it, then stop the worker."""
+        self._stopping.set()
+        if not self._idle.wait(grace_s):
+            with self._lock:
+                self._send_cancel(CANCEL_ALL)
+            self._idle.wait(10.0)
+        if self._thread.is_alive():
+            self._thread.join(timeout=15.0)
+        if self._thread.is_alive():  # the worker does not answer: kill it, the loop then fails what it ran
+            proc = self._proc
+            if proc is not None:
+                proc.kill()
+            self._thread.join(timeout=5.0)
+        self._stop_process()
+        self._set_state("stopped")
+
+    # ------------------------------------------------------------------------------------------ main loop
+
+    def _run(self) -> None:
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                if not self._launch():
+                    if self._stopping.is_set():
+                        break
+                    failures += 1
+                    if self.info is None or self._hopeless or failures >= MAX_LOAD_FAILURES:
+                        self._give_up()
+                        return
+                    self._set_state("restarting")
+                    self._stopping.wait(min(30.0, 2.0**failures))
+                    continue
+                failures = 0
+                self._serve()
+                if self._stopping.is_set():
+                    break
+                self.restarts += 1
+                log.warning("%s; restarting it (restart %d)", self.last_error, self.restarts)
+                if self.metrics:
+                    self.metrics.worker_restarts.inc()
+                self._set_state("restarting")
+                self._stop_process()
+        finally:
+            self._stop_process()
+            self._idle.set()
+
+    def _set_state(self, state: str) -> None:
+        with self._lock:
+            self.state = state
+
+    def _give_up(self) -> None:
+        """The model cannot be served: fail what waits and anything queued later, and tell the server."""
+        self._set_state("dead")
+        self.loaded.set()
+        log.error("giving up on the worker: %s", self.last_error)
+        error = APIError(503, f"the model worker is not available: {self.last_error}", type="server_error",
+                         code="worker_dead")
+        if self.on_fatal is not None and self.info is None:
+            self.on_fatal(self.last_error or "the model could not be loaded")
+        while not self._stopping.is_set():
+            for item in self.scheduler.drain():
+                item.fail(error)
+            self._stopping.wait(0.2)
+
+    def _launch(self) -> bool:
+        """Start a worker process and wait until its model is loaded."""
+        ctx = mp.get_context("spawn")
+        task_r, task_w = ctx.Pipe(duplex=False)
+        ev_r, ev_w = ctx.Pipe(duplex=False)
+        cancel_r, cancel_w = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=worker_main, args=(self.cfg, task_r, ev_w, cancel_r), name="diffserve-worker",
+                           daemon=True)
+        proc.start()
+        for end in (task_r, ev_w, cancel_r):
+            end.close()
+        with self._lock:
+            self._proc, self._tasks, self._events, self._cancels = proc, task_w, ev_r, cancel_w
+            self.pid = proc.pid
+        try:
+            msg = self._wait_ready()
+        except _WorkerDied:
+            self.last_error = f"the worker process died while loading the model ({_exit_text(proc.exitcode)})"
+            log.error("%s", self.last_error)
+            return False
+        if isinstance(msg, LoadFailed):
+            self.last_error = msg.message
+            log.error("the worker could not load the model: %s", msg.message)
+            self._hopeless = msg.user_error  # a bad model path or checkpoint will not load on retry either
+            return False
+        if msg is None:
+            return False
+        self.info = msg
+        self._set_state("ready")
+        log.info("worker %d ready: %s on %s (%s)", msg.pid, msg.pipeline_class, msg.device, msg.dtype)
+        self.loaded.set()
+        return True
+
+    def _wait_ready(self) -> Ready | LoadFailed | None:
+        while not self._stopping.is_set():
+            msg = self._recv(timeout=0.5)
+            if isinstance(msg, (Ready, LoadFailed)):
+                return msg
+        return None
+
+    def _recv(self, timeout: float) -> object | None:
+        """The next event from the worker, None after `timeout`; _WorkerDied when it is gone."""
+        assert self._events is not None
+        try:
+            if self._events.poll(timeout):
+                return self._events.recv()
+            if self._proc.is_alive():
+                return None
+            if self._events.poll(0):  # it wrote before exiting
+                return self._events.recv()
+        except (EOFError, OSError):
+            pass
+        self._proc.join(timeout=2.0)
+        raise _WorkerDied()
+
+    def _serve(self) -> None:
+        """Feed batches to a ready worker until it dies or the server stops."""
+        while not self._stopping.is_set():
+            batch = self.scheduler.next_batch(timeout=0.2)
+            if not self._proc.is_alive():
+                if batch:
+                    self.scheduler.requeue_front(batch)
+                self._proc.join(timeout=1.0)
+                self.last_error = f"the worker process died while idle ({_exit_text(self._proc.exitcode)})"
+                return
+            if batch and not self._execute(batch):
+                return
+
+    # ------------------------------------------------------------------------------------------- batches
+
+    def _execute(self, batch: list[WorkItem]) -> bool:
+        """Run one batch; False when the worker died during it (its items have then failed)."""
+        now = time.monotonic()
+        with self._lock:
+            self._idle.clear()
+            for it in batch:
+                it.started_at = now
+                self._running[it.id] = it
+        try:
+            self._begin(batch, now)
+            assert self._tasks is not None
+            try:
+                self._tasks.send(BatchTask(next(self._batch_ids), [it.task_item() for it in batch]))
+            except (BrokenPipeError, OSError):
+                self._proc.join(timeout=2.0)
+                raise _WorkerDied() from None
+            self._pump()
+            return True
+        except _WorkerDied:
+            self._fail_running(self._death_error())
+            return False
+        finally:
+            with self._lock:
+                self._running.clear()
+                self._idle.set()
+
+    def _begin(self, batch: list[WorkItem], now: float) -> None:
+        """Mark items started, record queue waits and the batch size, forward cancels that came early."""
+        if self.metrics:
+            self.metrics.batch_outputs.observe(sum(it.n for it in batch))
+            self.metrics.batch_requests.observe(len(batch))
+        for it in batch:
+            if self.metrics:
+                self.metrics.queue_wait.observe(now - it.enqueued_at)
+            if it.cancelled:
+                with self._lock:
+                    self._send_cancel(it.id)
+            if it.on_start is not None:
+                it.on_start()
+
+    def _pump(self) -> None:
+        """Relay the worker's events for the running batch until it is done."""
+        while True:
+            msg = self._recv(timeout=0.2)
+            if isinstance(msg, Progress):
+                for item_id in msg.item_ids:
+                    item = self._running.get(item_id)
+                    if item is not None and item.on_progress is not None:
+                        item.on_progress(msg.done, msg.total)
+            elif isinstance(msg, ItemDone):
+                with self._lock:
+                    item = self._running.pop(msg.item_id, None)
+                if item is not None:
+                    self._finish(item, msg)
+            elif isinstance(msg, BatchDone):
+                return
+
+    def _finish(self, item: WorkItem, done: ItemDone) -> None:
+        """Hand the outcome to the request; outputs of a cancelled request are deleted."""
+        outcome = "ok" if done.error is None else ("cancelled" if done.error.code == "cancelled" else "error")
+        if self.metrics:
+            self.metrics.generations.inc(item.kind, outcome)
+            self.metrics.generation.observe(time.monotonic() - item.enqueued_at, item.kind, outcome)
+        if item.cancelled:
+            for path in done.paths:
+                path.unlink(missing_ok=True)
+            item.fail(APIError(409, "the request was cancelled", code="cancelled"))
+        elif outcome == "cancelled":  # stopped by shutdown
+            item.fail(shutting_down_error())
+        else:
+            item.resolve(done)
+
+    def _death_error(self) -> APIError:
+        if self._stopping.is_set():
+            return shutting_down_error()
+        code = self._proc.exitcode if self._proc is not None else None
+        self.last_error = f"the worker process died while running a batch ({_exit_text(code)})"
+        return APIError(500, f"the model worker process died while running this request ({_exit_text(code)}); "
+                             "it is being restarted, retry the request", type="server_error", code="worker_died")
+
+    def _fail_running(self, error: APIError) -> None:
+        with self._lock:
+            items = list(self._running.values())
+            self._running.clear()
+        for item in items:
+            if self.metrics:
+                self.metrics.generations.inc(item.kind, "error")
+            item.fail(error)
+
+    # ------------------------------------------------------------------------------------------- process
+
+    def _send_cancel(self, msg: str) -> None:
+        """Write to the cancel pipe (caller holds the lock); a dead worker needs no message."""
+        if self._cancels is None:
+            return
+        try:
+            self._cancels.send(msg)
+        except (BrokenPipeError, OSError):
+            pass
+
+    def _stop_process(self) -> None:
+        """Ask the worker to exit, then terminate / kill it if it does not."""
+        with self._lock:
+            proc, tasks = self._proc, self._tasks
+            conns = (self._tasks, self._events, self._cancels)
+            self._proc = self._tasks = self._events = self._cancels = None
+        if proc is None:
+            return
+        if proc.is_alive() and tasks is not None:
+            try:
+                tasks.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=5.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=3.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=3.0)
+        for conn in conns:
+            if conn is not None:
+                conn.close()

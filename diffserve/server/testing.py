@@ -1,0 +1,128 @@
+"""Start a real `diffserve serve` in a subprocess on a free loopback port (for tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A running server: its process, address, API key and log file."""
+
+    proc: subprocess.Popen
+    port: int
+    api_key: str | None
+    log_path: Path
+    output_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        r = httpx.get(f"{self.url}/health", timeout=5.0)
+        return r.status_code, r.json()
+
+    def worker_pid(self) -> int:
+        return int(self.health()[1]["worker"]["pid"])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180.0, *, not_pid: int | None = None) -> dict[str, Any]:
+        """Wait until /health says ready (with a worker other than `not_pid`, when given)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                status, body = self.health()
+                if status == 200 and body["worker"]["pid"] != not_pid:
+                    return body
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"the server was not ready within {timeout} s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait for the exit status (SIGKILL after `timeout`)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return int(self.proc.returncode)
+
+
+def start_server(model_path: str | Path, workdir: Path, *, args: tuple[str, ...] = (), api_key: str | None = None,
+                 env: dict[str, str] | None = None, wait: bool = True, ready_timeout: float = 180.0
+                 ) -> ServerProcess:
+    """`python -m diffserve.cli serve` on a free port with outputs and log under `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    output_dir = workdir / "outputs"
+    log_path = workdir / "server.log"
+    cmd = [sys.executable, "-m", "diffserve.cli", "serve", "--model-path", str(model_path), "--host", "127.0.0.1",
+           "--port", str(port), "--output-dir", str(output_dir), *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    full_env = {**os.environ, **(env or {})}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    server = ServerProcess(proc=proc, port=port, api_key=api_key, log_path=log_path, output_dir=output_dir)
+    if wait:
+        try:
+            server.wait_ready(ready_timeout)
+        except BaseException:
+            server.stop(10)
+            raise
+    return server
+
+
+def assert_error(response: httpx.Response, status: int, *, param: str | None = None,
+                 code: str | None = None) -> dict[str, Any]:
+    """Check `response` is an OpenAI-shaped error with this status (and param / code when given)."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    body = response.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"], err
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample of a Prometheus text page (0 when absent), e.g.
+    metric_value(page, "diffserve_batch_size_bucket", 'le="4"')."""
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return 0.0

@@ -1,0 +1,245 @@
+"""The model worker: a separate process that builds the `Engine` once and runs the batches the front sends.
+
+A batch runs as one `engine.generate_batch` call. Progress goes back after every denoising step. A batch
+that raises is retried one request at a time, so a request that fails (CUDA out-of-memory included)
+fails only itself. Cancellation arrives on its own pipe and is checked at every step boundary: the batch
+stops once every request in it is cancelled (a cancelled request inside a batch that goes on is dropped
+when the batch ends, its files never written). The worker also stops a batch when the front process dies.
+
+Fault injection (tests only, `WorkerConfig.fault_injection`; `diffserve serve` sets it when the environment
+has DIFFSERVE_SERVER_FAULT_INJECTION=1): a prompt starting with ``__fault_oom__`` raises
+`torch.OutOfMemoryError` at the first denoising step, and ``__fault_error__`` a RuntimeError, from inside the
+real denoising loop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from multiprocessing.connection import Connection
+
+import torch
+
+from diffserve.errors import CancelledError, UserError
+from diffserve.server.messages import (
+    CANCEL_ALL,
+    BatchDone,
+    BatchTask,
+    ItemDone,
+    ItemError,
+    LoadFailed,
+    Progress,
+    Ready,
+    TaskItem,
+    WorkerConfig,
+)
+
+CANCELLED = ItemError(499, "the request was cancelled", type="invalid_request_error", code="cancelled")
+
+
+class CancelWatch:
+    """The cancellations received so far on the cancel pipe (read without blocking)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.ids: set[str] = set()
+        self.everything = False
+        self.parent = os.getppid()
+
+    def _drain(self) -> None:
+        try:
+            while self.conn.poll():
+                msg = self.conn.recv()
+                if msg == CANCEL_ALL:
+                    self.everything = True
+                else:
+                    self.ids.add(msg)
+        except (EOFError, OSError):
+            self.everything = True  # the front is gone
+        if os.getppid() != self.parent:
+            self.everything = True
+
+    def cancelled(self, item_id: str) -> bool:
+        self._drain()
+        return self.everything or item_id in self.ids
+
+    def all_cancelled(self, item_ids: list[str]) -> bool:
+        self._drain()
+        return self.everything or all(i in self.ids for i in item_ids)
+
+    def forget(self) -> None:
+        """Drop per-item cancellations once their batch is over (ids are never reused)."""
+        self._drain()
+        self.ids.clear()
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def classify(e: BaseException) -> ItemError:
+    """An exception raised while generating, as the error the client sees."""
+    if isinstance(e, UserError):
+        return ItemError(e.http_status, str(e), type=e.error_type, param=e.param)
+    if _is_oom(e):
+        return ItemError(503, f"the server ran out of memory generating this request ({type(e).__name__}); "
+                              "retry later or ask for fewer or smaller outputs", code="out_of_memory")
+    return ItemError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
+
+
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _inject_fault(items: list[TaskItem]) -> None:
+    for it in items:
+        if it.request.prompt.startswith("__fault_oom__"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected fault)")
+        if it.request.prompt.startswith("__fault_error__"):
+            raise RuntimeError("injected fault")
+
+
+class BatchRunner:
+    """Runs batches on the engine and reports each item's outcome on the event pipe."""
+
+    def __init__(self, engine: object, events: Connection, cancels: CancelWatch, fault_injection: bool) -> None:
+        self.engine = engine
+        self.events = events
+        self.cancels = cancels
+        self.fault_injection = fault_injection
+
+    def run(self, task: BatchTask) -> None:
+        try:
+            self._run_items(task, task.items, allow_split=True)
+            self.events.send(BatchDone(task.batch_id, sum(it.request.num_outputs for it in task.items)))
+        finally:
+            self.cancels.forget()
+
+    def _fail(self, task: BatchTask, it: TaskItem, error: ItemError) -> None:
+        self.events.send(ItemDone(task.batch_id, it.item_id, error=error))
+
+    def _run_items(self, task: BatchTask, items: list[TaskItem], *, allow_split: bool) -> None:
+        live = []
+        for it in items:
+            if self.cancels.cancelled(it.item_id):
+                self._fail(task, it, CANCELLED)
+            else:
+                live.append(it)
+        if not live:
+            return
+        ids = [it.item_id for it in live]
+
+        def on_step(done: int, total: int) -> None:
+            if self.fault_injection and done == 1:
+                _inject_fault(live)
+            self.events.send(Progress(task.batch_id, ids, done, total))
+
+        try:
+            with torch.inference_mode():
+                results = self.engine.generate_batch(  # type: ignore[attr-defined]
+                    [it.request for it in live], on_step=on_step,
+                    should_stop=lambda: self.cancels.all_cancelled(ids))
+        except CancelledError:
+            for it in live:
+                self._fail(task, it, CANCELLED)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure is reported per request, the worker lives on
+            _free_memory()
+            if allow_split and len(live) > 1:
+                for it in live:
+                    self._run_items(task, [it], allow_split=False)
+                return
+            for it in live:
+                self._fail(task, it, classify(e))
+            return
+        for it, res in zip(live, results, strict=True):
+            self._deliver(task, it, res)
+
+    def _deliver(self, task: BatchTask, it: TaskItem, res: object) -> None:
+        """Encode (or write) one item's outputs and report them."""
+        from diffserve.media import encode_image, encode_video, write_images, write_videos
+
+        if self.cancels.cancelled(it.item_id):
+            self._fail(task, it, CANCELLED)
+            return
+        spec = it.output
+        done = ItemDone(task.batch_id, it.item_id, seed=res.seed, timings=dict(res.timings))  # type: ignore
+        try:
+            videos, images = res.videos, res.images  # type: ignore[attr-defined]
+            fps = int(res.fps or 16)  # type: ignore[attr-defined]
+            if spec.paths is not None:
+                for i, path in enumerate(spec.paths):
+                    if videos:
+                        write_videos([videos[i]], fmt=spec.fmt, fps=fps, output_path=path, unique=False)
+                    else:
+                        write_images([images[i]], fmt=spec.fmt, output_path=path, quality=spec.quality,
+                                     unique=False)
+                    done.paths.append(path)
+            elif videos:
+                done.blobs = [encode_video(v, spec.fmt, fps) for v in videos]
+            else:
+                done.blobs = [encode_image(im, spec.fmt, spec.quality) for im in images]
+        except Exception as e:  # noqa: BLE001
+            for path in done.paths:
+                path.unlink(missing_ok=True)
+            self._fail(task, it, classify(e))
+            return
+        self.events.send(done)
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _load(cfg: WorkerConfig, events: Connection) -> object | None:
+    """Build the engine and announce it (Ready), or report why it could not be built (LoadFailed)."""
+    from diffserve.engine.engine import Engine
+
+    try:
+        engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,
+                                        attention_backend=cfg.attention_backend, compile=cfg.compile)
+    except UserError as e:
+        events.send(LoadFailed(str(e), user_error=True))
+        return None
+    except Exception as e:  # noqa: BLE001
+        events.send(LoadFailed(f"{type(e).__name__}: {e}", user_error=False))
+        return None
+    cfg_e = engine.config
+    events.send(Ready(defaults=engine.defaults, pipeline_class=engine.pipeline_class, device=str(cfg_e.device),
+                      dtype=str(cfg_e.dtype).removeprefix("torch."), pid=os.getpid()))
+    return engine
+
+
+def worker_main(cfg: WorkerConfig, tasks: Connection, events: Connection, cancels: Connection) -> None:
+    """Entry point of the worker process (multiprocessing spawn target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the front decides
+    _quiet_libraries()
+    engine = _load(cfg, events)
+    if engine is None:
+        return
+    _serve(BatchRunner(engine, events, CancelWatch(cancels), cfg.fault_injection), tasks)
+    # Every result has been sent and every file written atomically: skip the interpreter's teardown of torch
+    # and the model, which takes seconds.
+    os._exit(0)
+
+
+def _serve(runner: BatchRunner, tasks: Connection) -> None:
+    """Run tasks until told to stop (None) or the front is gone."""
+    while True:
+        try:
+            task = tasks.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            runner.run(task)
+        except (BrokenPipeError, EOFError, OSError):
+            return
