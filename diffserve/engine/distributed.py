@@ -41,7 +41,8 @@ from diffserve.parallel.sequence import sequence_parallel
 from diffserve.pipelines.base import ComposedPipeline, StepCallback
 
 # NVLink multicast stays off in NCCL, PyTorch symmetric memory and NVSHMEM (it can take shared GPUs down).
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def disable_multicast() -> None:
@@ -110,7 +111,8 @@ def init_distributed(rank: int, world_size: int, init_method: str, device: torch
         dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timeout, device_id=device)
         return "nccl"
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timeout)
     return "gloo"
 
 
@@ -300,7 +302,8 @@ class Front:
         cancellable = should_stop is not None
         for d in range(1, len(plan)):
             if plan[d]:
-                _send(Job("run", [batches[i] for i in plan[d]], cancellable), g.replica_leader(d), g.world_ctrl)
+                job = Job("run", [batches[i] for i in plan[d]], cancellable)
+                _send(job, g.replica_leader(d), g.world_ctrl)
         outcomes: dict[int, Outcome] = {}
         if plan[0]:
             outcomes[0] = self.runtime.lead(Job("run", [batches[i] for i in plan[0]], cancellable),
@@ -349,6 +352,17 @@ def world_info(runtime: RankRuntime) -> WorldInfo:
                      e.attention.backend, str(e.config.device.type))
 
 
+def _quiet_loading() -> None:
+    """Worker ranks load without progress bars and advisory warnings (one copy per rank is noise)."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def _threads_per_rank(local_world: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_world)
 
@@ -361,6 +375,7 @@ def spawned_worker(index: int, spec: WorkerSpec, init_method: str, conn, cancel_
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the world
     world = spec.parallel.world_size
     torch.set_num_threads(_threads_per_rank(world))
+    _quiet_loading()
     try:
         device = rank_device(spec.device_type, index, world)
         init_distributed(index, world, init_method, device, spec.timeout_s)
@@ -369,6 +384,8 @@ def spawned_worker(index: int, spec: WorkerSpec, init_method: str, conn, cancel_
         if index == 0:
             conn.send(("error", portable_error(e, index)))
             return
+        if isinstance(e, UserError):
+            return  # the same layout error on every rank: rank 0 reports it
         raise
     if index != 0:
         runtime.serve_forever(cancel_event.is_set)
@@ -390,7 +407,6 @@ def _front_loop(front: Front, conn, cancel_event) -> None:
             return
         kind = msg[0]
         if kind == "stop":
-            conn.send(("stopped",))
             return
         try:
             if kind == "validate":

@@ -60,7 +60,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_path: str, *, dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attention_backend: str | None = None,
-                        compile: bool = False, parallel: ParallelConfig | None = None) -> Engine | ParallelEngine:
+                        compile: bool = False,
+                        parallel: ParallelConfig | None = None) -> Engine | ParallelEngine:
         """Load a model. With `parallel` asking for more than one process (or in a torchrun world of
         several) the engine is a `ParallelEngine` with the same API; see docs/PARALLEL.md."""
         from diffserve.engine.multiproc import ParallelEngine, needs_parallel_engine

@@ -70,6 +70,9 @@ class _SpawnedWorld:
     """The ranks of one node, started here; rank 0 answers over a pipe."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        if mp.current_process().daemon:
+            raise RuntimeError("a ParallelEngine cannot start its worker processes from a daemonic process "
+                               "(multiprocessing forbids it); create it in a non-daemonic process")
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.cancel = ctx.Event()
@@ -85,9 +88,22 @@ class _SpawnedWorld:
             self.close(graceful=False)
             raise
 
-    def _alive_check(self) -> None:
-        if self.procs.join(timeout=0):
-            raise RuntimeError("the parallel engine's worker processes have exited")
+    def _check_world(self) -> None:
+        """Raise if a worker has died or left; rank 0's own report of why (if it sent one) wins."""
+        failure: BaseException | None = None
+        try:
+            self.procs.join(timeout=0)  # raises (and ends the others) when a worker failed
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            failure = e
+        exited = [i for i, p in enumerate(self.procs.processes) if p.exitcode is not None]
+        if failure is None and not exited:
+            return
+        self.closed = True
+        if self.conn.poll(5):
+            msg = self.conn.recv()
+            if msg[0] == "error":
+                raise msg[1] from failure
+        raise failure or RuntimeError(f"parallel engine worker rank(s) {exited} exited unexpectedly")
 
     def _wait(self, expect: str, on_step: StepCallback | None = None, should_stop: StopCheck | None = None):
         """Messages from rank 0 until `expect` (or "ok") arrives; worker failures raise here."""
@@ -103,11 +119,7 @@ class _SpawnedWorld:
                 return msg[1] if len(msg) > 1 else None
             if should_stop is not None and should_stop():
                 self.cancel.set()
-            try:
-                self._alive_check()
-            except Exception:
-                self.closed = True
-                raise
+            self._check_world()
 
     def request(self, msg: tuple, on_step: StepCallback | None = None, should_stop: StopCheck | None = None):
         if self.closed:
@@ -193,9 +205,14 @@ class ParallelEngine:
         if dev.type not in ("cuda", "cpu"):
             raise ParallelConfigError(f"multi-process runs use CUDA (NCCL) or the CPU (gloo), not {dev.type}",
                                       param="device")
-        dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        spec = WorkerSpec(model_path=model_path, dtype=dt, device_type=dev.type, attention_backend=attention_backend,
-                          parallel=parallel.resolve(model_heads(model_path)), compile=compile, timeout_s=timeout_s)
+        if dtype is not None:
+            dt = parse_dtype(dtype)
+        else:
+            dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        resolved = parallel.resolve(model_heads(model_path))
+        spec = WorkerSpec(model_path=model_path, dtype=dt, device_type=dev.type,
+                          attention_backend=attention_backend, parallel=resolved, compile=compile,
+                          timeout_s=timeout_s)
         config = EngineConfig(model_path=model_path, dtype=dt, device=torch.device(dev.type),
                               attention_backend=attention_backend, compile=compile)
         if env is None:

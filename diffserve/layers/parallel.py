@@ -111,7 +111,8 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
     return out * w_a + out_b.float() * w_b, new
 
 
-def math_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def math_attention_lse(q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference softmax attention with its log-sum-exp, computed in float32. (B, L, H, D) layout."""
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
     scores = qf @ kf.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)

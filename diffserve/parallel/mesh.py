@@ -57,7 +57,9 @@ class ParallelConfig:
         _check_positive("--ring-degree", self.ring_degree)
         _check_positive("--dp-size", self.dp_size, optional=False)
         if not isinstance(self.cfg_parallel, bool):
-            raise ParallelConfigError(f"--enable-cfg-parallel must be true or false, got {self.cfg_parallel!r}")
+            got = self.cfg_parallel
+            raise ParallelConfigError(f"--enable-cfg-parallel must be true or false, got {got!r}",
+                                      param="cfg_parallel")
         self._check_products()
 
     # -- sizes ---------------------------------------------------------------------------------------------
@@ -102,7 +104,8 @@ class ParallelConfig:
     def _check_products(self) -> None:
         world, dp = self.world_size, self.dp_size
         if world % dp:
-            raise ParallelConfigError(f"--num-gpus {world} is not a multiple of --dp-size {dp}", param="dp_size")
+            raise ParallelConfigError(f"--num-gpus {world} is not a multiple of --dp-size {dp}",
+                                      param="dp_size")
         rep = world // dp
         if self.cfg_parallel and rep % 2:
             raise ParallelConfigError(
@@ -112,14 +115,16 @@ class ParallelConfig:
         u, r = self.ulysses_degree, self.ring_degree
         if u is not None and r is not None and self.cfg_degree * u * r != rep:
             raise ParallelConfigError(
-                f"--ulysses-degree {u} x --ring-degree {r} x cfg {self.cfg_degree} = {self.cfg_degree * u * r}, "
+                f"--ulysses-degree {u} x --ring-degree {r} x cfg {self.cfg_degree} = "
+                f"{self.cfg_degree * u * r}, "
                 f"but a replica has {rep} GPUs {self._where()}; the degrees must multiply to the GPUs of one "
                 f"replica", param="ulysses_degree")
         for flag, d in (("--ulysses-degree", u), ("--ring-degree", r)):
             if d is not None and sp % d:
                 raise ParallelConfigError(
                     f"{flag} {d} does not divide the {sp} GPUs left for sequence parallelism in a replica "
-                    f"{self._where()}{' / cfg 2' if self.cfg_parallel else ''}", param=flag[2:].replace("-", "_"))
+                    f"{self._where()}{' / cfg 2' if self.cfg_parallel else ''}",
+                    param=flag[2:].replace("-", "_"))
 
     def resolve(self, num_heads: int | None = None) -> ParallelConfig:
         """Every field filled in. Unset degrees: Ulysses takes the largest share of the sequence-parallel
@@ -256,7 +261,8 @@ def build_mesh_groups(cfg: ParallelConfig) -> MeshGroups:
 def parallel_config_from_args(args: object) -> ParallelConfig | None:
     """The layout asked for by the CLI flags (`--num-gpus`, `--ulysses-degree`, `--ring-degree`,
     `--enable-cfg-parallel`, `--dp-size` on an argparse namespace); None when none was given."""
-    cfg = ParallelConfig(num_gpus=getattr(args, "num_gpus", None), ulysses_degree=getattr(args, "ulysses_degree", None),
+    cfg = ParallelConfig(num_gpus=getattr(args, "num_gpus", None),
+                         ulysses_degree=getattr(args, "ulysses_degree", None),
                          ring_degree=getattr(args, "ring_degree", None),
                          cfg_parallel=bool(getattr(args, "enable_cfg_parallel", False)),
                          dp_size=getattr(args, "dp_size", 1))

@@ -122,7 +122,8 @@ class FluxSequenceParallel(SequenceParallelDiT):
         super().__init__(model, sp, attn)
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-                 img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+                 img_ids: torch.Tensor, txt_ids: torch.Tensor,
+                 guidance: torch.Tensor | None = None) -> torch.Tensor:
         model: FluxTransformer = self.model
         s = model.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance)
         t, n = s["text"].shape[self.text_dim], s["image"].shape[self.image_dim]

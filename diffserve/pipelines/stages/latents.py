@@ -1,5 +1,10 @@
-"""Initial noise: one CPU generator per request, so a seed gives the same image on any device and in
-any batch (the n outputs of one request come from one generator, as in the reference pipelines)."""
+"""Initial noise: one CPU generator per request, so a seed gives the same image on any GPU and in any
+batch (the n outputs of one request come from one generator, as in the reference pipelines).
+
+The noise is drawn directly in `noise_dtype` (what the reference pipeline draws in: the model dtype for
+FLUX, float32 for Wan): a bf16 draw is not always the float32 draw rounded (CPU kernels differ), so
+drawing in another dtype would give a different image for the same seed.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,10 @@ from diffserve.config import GenerationRequest
 
 
 def initial_noise(requests: list[GenerationRequest], sample_shape: tuple[int, ...], device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """(sum(num_outputs), *sample_shape) standard normal noise, drawn in float32 on the CPU."""
+                  noise_dtype: torch.dtype) -> torch.Tensor:
+    """(sum(num_outputs), *sample_shape) standard normal noise in `noise_dtype`, drawn on the CPU."""
     parts = []
     for r in requests:
-        g = torch.Generator("cpu").manual_seed(int(r.seed))
-        parts.append(torch.randn((r.num_outputs, *sample_shape), generator=g, dtype=torch.float32))
-    return torch.cat(parts).to(device=device, dtype=dtype)
+        g = torch.Generator("cpu").manual_seed(int(r.seed))  # type: ignore[arg-type]
+        parts.append(torch.randn((r.num_outputs, *sample_shape), generator=g, dtype=noise_dtype))
+    return torch.cat(parts).to(device=device)
