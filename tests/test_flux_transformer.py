@@ -85,3 +85,14 @@ def test_param_count_matches_real_config() -> None:
                                         if not k.startswith("_")})
     assert set(ours.state_dict()) == set(ref.state_dict())
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+def test_fused_backends_fall_back_where_they_cannot_run() -> None:
+    from diffserve.layers.attention import AttentionOp, fused_kernel_fits
+
+    q = torch.randn(1, 5, 2, 12)
+    assert not fused_kernel_fits("cudnn", q) and fused_kernel_fits("sdpa", q)
+    op = AttentionOp("sdpa")
+    op.backend = "cudnn"  # as configured on a GPU; CPU / fp32 / head 12 inputs must still run
+    ref = AttentionOp("sdpa")(q, q, q)
+    assert torch.equal(op(q, q, q), ref)

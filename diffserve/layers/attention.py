@@ -75,6 +75,15 @@ def default_backend(device: torch.device) -> str:
     return "sdpa"
 
 
+def fused_kernel_fits(backend: str, q: torch.Tensor) -> bool:
+    """Whether the half-precision fused kernels (cuDNN, flash, FA3) take these inputs; otherwise the
+    caller falls back to torch's own SDPA choice (fp32 runs, odd head sizes, CPU tensors)."""
+    if backend in ("sdpa", "math", "efficient"):
+        return True
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= (128 if backend == "cudnn" else 256))
+
+
 class AttentionOp:
     """Callable attention shared by all blocks of one model.
 
@@ -99,9 +108,9 @@ class AttentionOp:
 
     def local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention on this rank's tensors only. (B, L, H, D) -> (B, L, H, D)."""
-        if self.backend == "fa3" and q.dtype in (torch.float16, torch.bfloat16):
+        backend = self.backend if fused_kernel_fits(self.backend, q) else "sdpa"
+        if backend == "fa3":
             return _fa3_attention(q, k, v)
-        backend = "sdpa" if self.backend == "fa3" else self.backend
         return sdpa_attention(q, k, v, backend)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
