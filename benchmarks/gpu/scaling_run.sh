@@ -7,22 +7,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu.txt
 nvidia-smi topo -m >> $OUT/gpu.txt 2>&1
 # 1. smoke: tiny Wan on 2 GPUs (U2, CFG2) equals 1 GPU in fp32
-timeout 120 python3 - <<'PY' 2>&1 | grep -v -i warn | tee $OUT/smoke.txt || exit 1
-import numpy as np
-from diffserve import Engine
-from diffserve.parallel import ParallelConfig
-from diffserve.testing.fixtures import fixture_path
-repo = str(fixture_path("wan-t2v"))
-kw = dict(height=32, width=32, num_frames=9, num_inference_steps=2, seed=1)
-ref = Engine.from_pretrained(repo, dtype="fp32", device="cuda").generate("a cat", **kw).videos[0].astype(float)
-for cfg in (ParallelConfig(num_gpus=2, ulysses_degree=2), ParallelConfig(num_gpus=2, cfg_parallel=True),
-            ParallelConfig(num_gpus=4, ulysses_degree=2, ring_degree=2)):
-    e = Engine.from_pretrained(repo, dtype="fp32", device="cuda", parallel=cfg)
-    got = e.generate("a cat", **kw).videos[0].astype(float)
-    e.close()
-    print(cfg, "max abs diff (0-255):", np.abs(got - ref).max())
-print("SMOKE OK")
-PY
+timeout 150 python3 benchmarks/smoke_parallel_gpu.py 2>&1 | grep -v -i warn | tee $OUT/smoke.txt
 grep -q "SMOKE OK" $OUT/smoke.txt || exit 1
 timeout ${T14:-420} python3 benchmarks/bench_scaling.py wan-14b-720p --repo /tmp/wan14 --layouts "${L14:-1;cfg2;cfg2xu2}" \
   --steps 2 --out $OUT/scaling.json --chart $OUT/scaling.png 2>&1 | grep -v -i "warn\|Loading" | tee $OUT/scaling14.txt | tail -20
