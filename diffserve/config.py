@@ -73,6 +73,7 @@ class ModelDefaults:
     needs_image: bool = False
     accepts_image: bool = False
     uses_negative_prompt: bool = False
+    fixed_steps: int | None = None  # few-step distilled models run exactly their distilled schedule
 
 
 @dataclass
@@ -131,6 +132,10 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
             f"num_inference_steps={steps} is not accepted: it must be between 1 and {MAX_STEPS}",
             param="num_inference_steps",
         )
+    if defaults.fixed_steps is not None and steps != defaults.fixed_steps:
+        raise InvalidRequestError(
+            f"num_inference_steps={steps} is not accepted: this few-step distilled model runs its "
+            f"{defaults.fixed_steps}-step schedule; use {defaults.fixed_steps}", param="num_inference_steps")
     guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 100.0:
         raise InvalidRequestError(

@@ -17,6 +17,7 @@ Builder = Callable[[ModelIndex, EngineConfig, AttentionOp], ComposedPipeline]
 PIPELINES: dict[str, Builder] = {
     "FluxPipeline": build_flux_pipeline,
     "WanPipeline": build_wan_t2v_pipeline,
+    "WanDMDPipeline": build_wan_t2v_pipeline,  # FastWan: Wan2.1 T2V weights, distilled few-step schedule
     "WanImageToVideoPipeline": build_wan_i2v_pipeline,
 }
 

@@ -122,7 +122,7 @@ class WanTimestepStage(PipelineStage):
         self.c = c
 
     def run(self, state: PipelineState) -> None:
-        state.sampler = self.c.schedule.new_sampler(state.request.num_inference_steps, state.device)
+        state.sampler = self.c.schedule.new_sampler(state.request.num_inference_steps, state.device, state.requests)
         state.timesteps = state.sampler.timesteps  # type: ignore[attr-defined]
 
 
@@ -178,12 +178,14 @@ class WanDecodingStage(PipelineStage):
 def wan_defaults(c: WanComponents, i2v: bool) -> ModelDefaults:
     """Reference defaults: 480x832, 81 frames, 16 fps, 512 text tokens; steps and guidance from the
     schedule (50 steps, CFG 5.0 for Wan2.1; the distilled schedule's own for FastWan)."""
+    height, width, frames = c.schedule.default_size
     return ModelDefaults(
-        kind="video", height=480, width=832, num_frames=81, fps=16,
+        kind="video", height=height, width=width, num_frames=frames, fps=16,
         num_inference_steps=c.schedule.default_steps, guidance_scale=c.schedule.default_guidance,
         size_multiple=c.scale_spatial * c.transformer.cfg.patch_size[1], min_size=c.scale_spatial * 2,
         max_size=2048, max_sequence_length=512, min_frames=1, max_frames=257,
         needs_image=i2v, accepts_image=i2v, uses_negative_prompt=True,
+        fixed_steps=c.schedule.default_steps if c.schedule.kind == "dmd" else None,
     )
 
 

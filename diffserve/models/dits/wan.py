@@ -369,8 +369,10 @@ class WanTransformer(nn.Module):
 
     # Tensors some published checkpoints carry that no Wan2.1 forward uses: the Wan2.1 I2V diffusers
     # checkpoint is reported to ship `blocks.*.attn2.norm_added_q.weight` (unverified here; diffusers lists
-    # `norm_added_q` in `_keys_to_ignore_on_load_unexpected` and drops them on load).
-    UNUSED_CHECKPOINT_KEYS = re.compile(r"(^|\.)norm_added_q\.")
+    # `norm_added_q` in `_keys_to_ignore_on_load_unexpected` and drops them on load). FastWan checkpoints
+    # carry `blocks.*.attn1.to_gate_compress.*`, the gate of Video Sparse Attention's coarse branch; with
+    # dense attention (what diffserve and diffusers run) that branch does not exist and the gate is unused.
+    UNUSED_CHECKPOINT_KEYS = re.compile(r"(^|\.)(norm_added_q|to_gate_compress)\.")
 
     def __init__(self, cfg: WanConfig, attention: AttentionOp | None = None) -> None:
         super().__init__()
