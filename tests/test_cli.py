@@ -80,3 +80,55 @@ def test_bad_model_path_exits_2(tmp_path: Path, capsys) -> None:
     assert "no such folder" in capsys.readouterr().err
     assert main(["generate", "--model-path", str(tmp_path), "--prompt", "x"]) == 2
     assert "model_index.json" in capsys.readouterr().err
+
+
+def test_generate_video_formats(wan_t2v_repo: Path, tmp_path: Path) -> None:
+    import av
+
+    for fmt, check in (("mp4", "file"), ("gif", "file"), ("frames", "dir")):
+        target = tmp_path / fmt
+        args = ["generate", "--model-path", str(wan_t2v_repo), "--prompt", "a blue square moving to the right",
+                "--height", "16", "--width", "32", "--num-frames", "9", "--num-inference-steps", "2", "--seed", "1",
+                "--output-dir", str(target), "--output-format", fmt, "--fps", "8", "--dtype", "fp32"]
+        assert main(args) == 0
+        (written,) = list(target.iterdir())
+        if fmt == "mp4":
+            with av.open(str(written)) as c:
+                stream = c.streams.video[0]
+                frames = list(c.decode(stream))
+                assert stream.codec_context.name == "h264" and len(frames) == 9
+                assert (frames[0].width, frames[0].height) == (32, 16) and stream.average_rate == 8
+        elif fmt == "frames":
+            assert written.is_dir() and len(list(written.glob("frame_*.png"))) == 9
+        else:
+            assert Image.open(written).n_frames == 9
+
+
+def test_generate_image_to_video_from_file_and_data_uri(wan_i2v_repo: Path, tmp_path: Path) -> None:
+    import base64
+    import io
+
+    img = Image.new("RGB", (40, 24), (200, 30, 30))
+    path = tmp_path / "in.png"
+    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    for source in (str(path), uri):
+        out = tmp_path / f"v{len(source) % 7}.mp4"
+        assert main(["generate", "--model-path", str(wan_i2v_repo), "--prompt", "the square moves",
+                     "--image-path", source, "--height", "16", "--width", "32", "--num-frames", "5",
+                     "--num-inference-steps", "2", "--output-path", str(out), "--dtype", "fp32"]) == 0
+        assert out.stat().st_size > 0
+
+
+def test_image_to_video_errors(wan_i2v_repo: Path, tmp_path: Path, capsys) -> None:
+    base = ["generate", "--model-path", str(wan_i2v_repo), "--prompt", "x", "--height", "16", "--width", "32",
+            "--num-frames", "5", "--num-inference-steps", "1", "--dtype", "fp32", "--output-dir", str(tmp_path / "o")]
+    assert main(base) == 2
+    assert "needs an input image" in capsys.readouterr().err
+    (tmp_path / "notimage.png").write_text("hello")
+    assert main(base + ["--image-path", str(tmp_path / "notimage.png")]) == 2
+    assert "image" in capsys.readouterr().err.lower()
+    assert main(base + ["--image-path", str(tmp_path / "missing.png")]) == 2
+    assert main(base + ["--num-frames", "8", "--image-path", str(tmp_path / "notimage.png")]) == 2
