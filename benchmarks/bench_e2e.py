@@ -72,12 +72,16 @@ def profile_one_step(fn, path: Path | None, title: str = "") -> None:
         f.write(f"\n===== {title} =====\n{table}\n")
 
 
-def run_diffserve(repo: Path, w: Workload, steps: int, compile_blocks: bool = False, backend: str | None = None,
+def run_diffserve(repo: Path, w: Workload, steps: int, name: str,
                   profile_path: Path | None = None) -> tuple[Run, np.ndarray]:
+    """`name` is "diffserve" plus options: "+compile", "+fuse" (fused projections), "+vaebf16",
+    "[BACKEND]" (attention backend)."""
     from diffserve import Engine
 
-    engine = Engine.from_pretrained(str(repo), dtype="bf16", device="cuda", compile=compile_blocks,
-                                    attention_backend=backend)
+    backend = name.split("[")[1].rstrip("]") if "[" in name else None
+    engine = Engine.from_pretrained(str(repo), dtype="bf16", device="cuda", compile="+compile" in name,
+                                    attention_backend=backend, fuse_projections="+fuse" in name,
+                                    vae_dtype="bf16" if "+vaebf16" in name else None)
     params = dict(height=w.height, width=w.width, guidance_scale=w.guidance, seed=0)
     if w.num_frames:
         params["num_frames"] = w.num_frames
@@ -86,7 +90,6 @@ def run_diffserve(repo: Path, w: Workload, steps: int, compile_blocks: bool = Fa
     _sync()
     warm = time.perf_counter() - t0
     res = engine.generate(PROMPT, num_inference_steps=steps, **params)
-    name = "diffserve" + ("+compile" if compile_blocks else "") + (f"[{backend}]" if backend else "")
     profile_one_step(lambda: engine.generate(PROMPT, num_inference_steps=1, **params), profile_path, name)
     t = res.timings
     out = np.asarray(res.images[0]) if res.images else res.videos[0]
@@ -181,9 +184,7 @@ def main() -> None:
     for name in args.engines.split(","):
         prof = args.profile
         if name.startswith("diffserve"):
-            backend = name.split("[")[1].rstrip("]") if "[" in name else None
-            r, o = run_diffserve(args.repo, w, steps, compile_blocks="+compile" in name, backend=backend,
-                                 profile_path=prof)
+            r, o = run_diffserve(args.repo, w, steps, name, profile_path=prof)
         elif name in ("diffusers", "diffusers+compile"):
             r, o = run_diffusers(args.repo, w, steps, compile_transformer=name.endswith("+compile"),
                                  profile_path=prof)
@@ -204,6 +205,10 @@ def main() -> None:
                 "per_step": round(base.per_step_s / r.per_step_s, 3),
                 "e2e": round((base.fixed_s + base.per_step_s * w.steps) / r_e2e, 3),
             }
+    if "diffserve" in outs:  # lossless check: every variant against the plain diffserve path
+        plain = outs["diffserve"].astype(float)
+        report["output_mean_abs_diff_255_vs_diffserve"] = {
+            k: float(np.abs(v.astype(float) - plain).mean()) for k, v in outs.items() if k != "diffserve"}
     if "diffusers" in outs:
         ref = outs["diffusers"].astype(float)
         report["output_mean_abs_diff_255_vs_diffusers"] = {

@@ -24,6 +24,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="attention kernel (default: the fastest one for the device)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the repeated transformer blocks (slower start, faster steps)")
+    g.add_argument("--fuse-projections", action="store_true",
+                   help="merge projections that read the same input into one matrix multiply (same math)")
+    g.add_argument("--vae-dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="VAE precision (default: the reference's: fp32 for Wan, the model dtype for FLUX)")
     par = p.add_argument_group("multi-GPU (docs/PARALLEL.md)")
     par.add_argument("--num-gpus", type=int, default=None,
                      help="processes / GPUs in all (default: the product of the settings below, else 1)")
@@ -85,6 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     engine = Engine.from_pretrained(args.model_path, dtype=args.dtype, device=args.device,
                                     attention_backend=args.attention_backend, compile=args.compile,
+                                    fuse_projections=args.fuse_projections, vae_dtype=args.vae_dtype,
                                     parallel=parallel_config_from_args(args))
     kind = engine.defaults.kind
     fmt = resolve_format(args.output_format, args.output_path, kind)

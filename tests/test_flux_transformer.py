@@ -96,3 +96,16 @@ def test_fused_backends_fall_back_where_they_cannot_run() -> None:
     op.backend = "cudnn"  # as configured on a GPU; CPU / fp32 / head 12 inputs must still run
     ref = AttentionOp("sdpa")(q, q, q)
     assert torch.equal(op(q, q, q), ref)
+
+
+def test_fused_projections_keep_the_output() -> None:
+    ref, ours = _pair(True)
+    inp = _inputs(torch.float32)
+    args = (inp["hidden_states"], inp["encoder_hidden_states"], inp["pooled_projections"], inp["timestep"],
+            inp["img_ids"], inp["txt_ids"], inp["guidance"])
+    with torch.no_grad():
+        before = ours(*args)
+        ours.fuse_projections()
+        after = ours(*args)
+    assert not hasattr(ours.single_transformer_blocks[0], "proj_mlp")
+    assert rel_err(after, before) < 1e-6

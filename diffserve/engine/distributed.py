@@ -82,6 +82,8 @@ class WorkerSpec:
     parallel: ParallelConfig  # resolved
     compile: bool = False
     timeout_s: float = 1800.0
+    fuse_projections: bool = False
+    vae_dtype: torch.dtype | None = None
 
 
 def free_port() -> int:
@@ -220,7 +222,8 @@ class RankRuntime:
     def build(cls, spec: WorkerSpec, device: torch.device) -> RankRuntime:
         """Load the model on `device`, cut the process groups, apply the layout. Collective."""
         engine = Engine(EngineConfig(model_path=spec.model_path, dtype=spec.dtype, device=device,
-                                     attention_backend=spec.attention_backend, compile=spec.compile))
+                                     attention_backend=spec.attention_backend, compile=spec.compile,
+                                     fuse_projections=spec.fuse_projections, vae_dtype=spec.vae_dtype))
         heads = engine.pipeline.components.transformer.cfg.num_attention_heads  # type: ignore[attr-defined]
         groups = build_mesh_groups(spec.parallel.resolve(heads))
         parallelize_pipeline(engine.pipeline, engine.attention, groups)

@@ -51,6 +51,9 @@ class Engine:
         backend = config.attention_backend or default_backend(config.device)
         self.attention = AttentionOp(backend)
         self.pipeline: ComposedPipeline = build_pipeline(self.index, config, self.attention)
+        transformer = self.pipeline.components.transformer  # type: ignore[union-attr]
+        if config.fuse_projections and hasattr(transformer, "fuse_projections"):
+            transformer.fuse_projections()
         self.compiled_blocks = 0
         if config.compile:
             from diffserve.engine.optimize import compile_blocks
@@ -60,19 +63,22 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_path: str, *, dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attention_backend: str | None = None,
-                        compile: bool = False,
-                        parallel: ParallelConfig | None = None) -> Engine | ParallelEngine:
+                        compile: bool = False, parallel: ParallelConfig | None = None,
+                        fuse_projections: bool = False,
+                        vae_dtype: str | torch.dtype | None = None) -> Engine | ParallelEngine:
         """Load a model. With `parallel` asking for more than one process (or in a torchrun world of
         several) the engine is a `ParallelEngine` with the same API; see docs/PARALLEL.md."""
         from diffserve.engine.multiproc import ParallelEngine, needs_parallel_engine
 
         if needs_parallel_engine(parallel):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
-                                                  attention_backend=attention_backend, parallel=parallel)
+                                                  attention_backend=attention_backend, parallel=parallel,
+                                                  fuse_projections=fuse_projections, vae_dtype=vae_dtype)
         dev = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
-                                compile=compile))
+                                compile=compile, fuse_projections=fuse_projections,
+                                vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None))
 
     @property
     def defaults(self) -> ModelDefaults:

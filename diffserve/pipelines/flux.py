@@ -172,7 +172,7 @@ def load_flux_components(index: ModelIndex, cfg: EngineConfig, attention: Attent
         tokenizer_2=load_component(index, "tokenizer_2"),
         text_encoder_2=load_component(index, "text_encoder_2", dt, dev),
         transformer=load_dit(lambda: FluxTransformer(tcfg, attention), folder, dt, dev),
-        vae=load_component(index, "vae", dt, dev),
+        vae=load_component(index, "vae", cfg.vae_dtype or dt, dev),
         scheduler=FlowMatchConfig.from_dict(read_json(index.folder("scheduler") / "scheduler_config.json")),
     )
 

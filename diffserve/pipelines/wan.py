@@ -198,7 +198,8 @@ def load_wan_components(index: ModelIndex, cfg: EngineConfig, attention: Attenti
         text_encoder=load_component(index, "text_encoder", dt, dev),
         transformer=load_dit(lambda: WanTransformer(tcfg, attention), folder, dt, dev,
                              keep_fp32=WanTransformer.keeps_fp32, drop_keys=WanTransformer.drop_unused_keys),
-        vae=load_component(index, "vae", torch.float32, dev),  # decoded in fp32, as the reference examples do
+        # decoded in fp32 as the reference examples do, unless the engine asks for another precision
+        vae=load_component(index, "vae", cfg.vae_dtype or torch.float32, dev),
         schedule=schedule_from_checkpoint(index),
     )
     if i2v:

@@ -53,6 +53,15 @@ class FluxConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def _fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One Linear computing the concatenation of `parts`' outputs (same input width)."""
+    w = torch.cat([p.weight for p in parts], dim=0)
+    fused = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+    fused.weight.copy_(w)
+    fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused.requires_grad_(False)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (B, L, C); shift/scale (B, C)."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -103,18 +112,23 @@ class FluxAttention(nn.Module):
             self.norm_added_q, self.norm_added_k = QKNorm(head_dim), QKNorm(head_dim)
             self.to_add_out = nn.Linear(heads * head_dim, dim)
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.heads, self.head_dim))
+
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, L, C) -> q, k, v (B, L, H, D), q and k normalised."""
-        q = self.norm_q(self.to_q(x).unflatten(-1, (self.heads, self.head_dim)))
-        k = self.norm_k(self.to_k(x).unflatten(-1, (self.heads, self.head_dim)))
-        v = self.to_v(x).unflatten(-1, (self.heads, self.head_dim))
-        return q, k, v
+        if hasattr(self, "to_qkv"):  # fused by `fuse_projections`
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        return self.norm_q(self._heads(q)), self.norm_k(self._heads(k)), self._heads(v)
 
     def added_qkv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = self.norm_added_q(self.add_q_proj(c).unflatten(-1, (self.heads, self.head_dim)))
-        k = self.norm_added_k(self.add_k_proj(c).unflatten(-1, (self.heads, self.head_dim)))
-        v = self.add_v_proj(c).unflatten(-1, (self.heads, self.head_dim))
-        return q, k, v
+        if hasattr(self, "to_added_qkv"):
+            q, k, v = self.to_added_qkv(c).chunk(3, dim=-1)
+        else:
+            q, k, v = self.add_q_proj(c), self.add_k_proj(c), self.add_v_proj(c)
+        return self.norm_added_q(self._heads(q)), self.norm_added_k(self._heads(k)), self._heads(v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -169,8 +183,16 @@ class FluxSingleBlock(nn.Module):
         """h (B, T+N, C)."""
         shift, scale, gate = self.norm(temb)
         n = modulate(layer_norm(h), shift, scale)
-        mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
-        attn_out = self.attn.attend(*self.attn.qkv(n), rope)
+        if hasattr(self, "to_qkv_mlp"):  # fused by `fuse_projections`: one GEMM for q, k, v and the MLP
+            inner = self.attn.heads * self.attn.head_dim
+            q, k, v, m = self.to_qkv_mlp(n).split([inner, inner, inner, self.to_qkv_mlp.out_features - 3 * inner], -1)
+            a = self.attn
+            qkv = a.norm_q(a._heads(q)), a.norm_k(a._heads(k)), a._heads(v)
+            mlp = F.gelu(m, approximate="tanh")
+        else:
+            qkv = self.attn.qkv(n)
+            mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
+        attn_out = self.attn.attend(*qkv, rope)
         h = h + gate[:, None] * self.proj_out(torch.cat([attn_out, mlp], dim=2))
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
@@ -247,6 +269,21 @@ class FluxTransformer(nn.Module):
         """Final AdaLN and projection: (B, N, C) -> (B, N, out_ch)."""
         scale, shift = self.norm_out(temb.to(x.dtype))
         return self.proj_out(modulate(layer_norm(x), shift, scale))
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate projections that read the same input into one Linear each (a layout change after
+        loading; the math is unchanged): q/k/v of each stream of the double blocks, and q/k/v plus the MLP
+        input projection of the single blocks."""
+        for block in self.transformer_blocks:
+            a = block.attn
+            a.to_qkv = _fused_linear(a.to_q, a.to_k, a.to_v)
+            a.to_added_qkv = _fused_linear(a.add_q_proj, a.add_k_proj, a.add_v_proj)
+            del a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj
+        for block in self.single_transformer_blocks:
+            a = block.attn
+            block.to_qkv_mlp = _fused_linear(a.to_q, a.to_k, a.to_v, block.proj_mlp)
+            del a.to_q, a.to_k, a.to_v, block.proj_mlp
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
                 img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
