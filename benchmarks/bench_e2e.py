@@ -13,6 +13,7 @@ costs (text encoding, VAE decode, the rest) are the difference to the end-to-end
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import time
@@ -90,7 +91,7 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str,
     _sync()
     warm = time.perf_counter() - t0
     res = engine.generate(PROMPT, num_inference_steps=steps, **params)
-    profile_one_step(lambda: engine.generate(PROMPT, num_inference_steps=1, **params), profile_path, name)
+    profile_one_step(functools.partial(engine.generate, PROMPT, num_inference_steps=1, **params), profile_path, name)
     t = res.timings
     out = np.asarray(res.images[0]) if res.images else res.videos[0]
     stages = {k: round(v, 4) for k, v in t.items()}
@@ -146,7 +147,7 @@ def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool
     total = time.perf_counter() - t0
     handle.remove()
     denoise = marks["end"] - marks["start"]
-    profile_one_step(lambda: pipe(PROMPT, num_inference_steps=1, output_type="latent", **kw), profile_path,
+    profile_one_step(functools.partial(pipe, PROMPT, num_inference_steps=1, output_type="latent", **kw), profile_path,
                      "diffusers+compile" if compile_transformer else "diffusers")
     arr = out.images[0] if hasattr(out, "images") else out.frames[0]
     arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)

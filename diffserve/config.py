@@ -95,7 +95,7 @@ class GenerationRequest:
     image: object | None = None  # PIL image for image-conditioned models
     max_sequence_length: int | None = None
 
-    def replace(self, **changes: object) -> "GenerationRequest":
+    def replace(self, **changes: object) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
 
 

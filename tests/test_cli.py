@@ -17,7 +17,7 @@ from diffserve.cli import main
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("diffserve")
     cmd = [exe] if exe else [sys.executable, "-m", "diffserve.cli"]
-    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=300,
+    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -13,7 +13,11 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 import diffserve.testing
 from diffserve.schedulers.flow_match import (
-    FlowMatchConfig, euler_step, flow_match_sigmas, resolution_mu, sigmas_to_timesteps,
+    FlowMatchConfig,
+    euler_step,
+    flow_match_sigmas,
+    resolution_mu,
+    sigmas_to_timesteps,
 )
 
 CONFIGS = Path(diffserve.testing.__file__).parent / "model_configs"

@@ -99,7 +99,7 @@ def test_fused_backends_fall_back_where_they_cannot_run() -> None:
 
 
 def test_fused_projections_keep_the_output() -> None:
-    ref, ours = _pair(True)
+    _, ours = _pair(True)
     inp = _inputs(torch.float32)
     args = (inp["hidden_states"], inp["encoder_hidden_states"], inp["pooled_projections"], inp["timestep"],
             inp["img_ids"], inp["txt_ids"], inp["guidance"])

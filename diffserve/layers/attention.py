@@ -8,8 +8,9 @@ in front of the local kernel. A model file never imports a kernel library.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -200,7 +201,7 @@ def load_component(index: ModelIndex, name: str, dtype: torch.dtype | None = Non
             return cls.from_pretrained(folder)
         dtype_kw = "dtype" if library == "transformers" else "torch_dtype"
         model = cls.from_pretrained(folder, **{dtype_kw: dtype})
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder}: could not load {cls_name}: {str(e).splitlines()[0]}") from None
     if device is not None:
         model = model.to(device)

@@ -13,13 +13,18 @@ import torch
 
 from diffserve.config import EngineConfig, ModelDefaults
 from diffserve.errors import InvalidRequestError
+from diffserve.layers.attention import AttentionOp
 from diffserve.models.dits.flux import FluxConfig, FluxTransformer
 from diffserve.models.loader import ModelIndex, load_component, load_dit, read_json
-from diffserve.layers.attention import AttentionOp
 from diffserve.pipelines.base import ComposedPipeline, InputValidationStage, PipelineStage, PipelineState
 from diffserve.pipelines.stages.latents import initial_noise
 from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output, t5_hidden_states
-from diffserve.schedulers.flow_match import FlowMatchConfig, euler_step, flow_match_sigmas, sigmas_to_timesteps
+from diffserve.schedulers.flow_match import (
+    FlowMatchConfig,
+    euler_step,
+    flow_match_sigmas,
+    sigmas_to_timesteps,
+)
 
 DEFAULT_SAMPLE_SIZE = 128  # latent pixels: 1024 px at the usual VAE factor 8
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from diffserve.config import EngineConfig
 from diffserve.errors import CheckpointError

@@ -202,10 +202,9 @@ def load_wan_components(index: ModelIndex, cfg: EngineConfig, attention: Attenti
         vae=load_component(index, "vae", cfg.vae_dtype or torch.float32, dev),
         schedule=schedule_from_checkpoint(index),
     )
-    if i2v:
-        if index.components.get("image_encoder") is not None:
-            comps.image_encoder = load_component(index, "image_encoder", dt, dev)
-            comps.image_processor = load_component(index, "image_processor")
+    if i2v and index.components.get("image_encoder") is not None:
+        comps.image_encoder = load_component(index, "image_encoder", dt, dev)
+        comps.image_processor = load_component(index, "image_processor")
     return comps
 
 

@@ -29,7 +29,7 @@ class FlowMatchConfig:
     max_image_seq_len: int = 4096
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "FlowMatchConfig":
+    def from_dict(cls, raw: dict) -> FlowMatchConfig:
         for key, neutral in _UNSUPPORTED.items():
             if raw.get(key, neutral) not in (neutral, None):
                 raise ValueError(f"scheduler option {key}={raw[key]!r} is not supported by diffserve")

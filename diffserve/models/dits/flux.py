@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ class FluxConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "FluxConfig":
+    def from_dict(cls, raw: dict) -> FluxConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
         if unknown:
@@ -49,7 +50,7 @@ class FluxConfig:
         return cls(**kw)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "FluxConfig":
+    def from_json(cls, path: str | Path) -> FluxConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -239,8 +240,8 @@ class FluxTransformer(nn.Module):
     # split along their sequence; a rank holds [text shard; image shard] and the RoPE rows of exactly those
     # tokens, in that order. `blocks` runs on the shards (joint attention goes through the AttentionOp's
     # parallel wrapper; temb is replicated); the image shards are gathered before `head`.
-    SEQUENCE_PARALLEL = {"split": {"text": 1, "image": 1, "rope": 0}, "replicated": ("temb",),
-                         "gather": {"head": 1}}
+    SEQUENCE_PARALLEL: ClassVar[dict] = {"split": {"text": 1, "image": 1, "rope": 0}, "replicated": ("temb",),
+                                         "gather": {"head": 1}}
 
     def embed(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
               img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None) -> dict:
