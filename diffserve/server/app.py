@@ -13,6 +13,7 @@ Every error is ``{"error": {"message", "type", "param", "code"}}``: 400 bad inpu
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import time
@@ -207,8 +208,6 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             yield
         finally:
-            import asyncio
-
             await asyncio.to_thread(runtime.shutdown, runtime.config.shutdown_grace_s + 30.0)
 
     app = FastAPI(title="diffserve", version="0.1.0", lifespan=lifespan,

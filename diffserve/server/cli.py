@@ -83,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM / SIGINT."""
     import uvicorn
 
+    from diffserve.parallel.mesh import parallel_config_from_args
     from diffserve.server.app import create_app
     from diffserve.server.messages import WorkerConfig
     from diffserve.server.runtime import Runtime, ServerConfig
@@ -91,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     worker = WorkerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
                           attention_backend=args.attention_backend, compile=getattr(args, "compile", False),
+                          parallel=parallel_config_from_args(args),
                           fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
     config = ServerConfig(
         worker=worker, model_id=_model_id(args), api_key=args.api_key or None, max_queue=args.max_queue,

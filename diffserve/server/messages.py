@@ -25,6 +25,7 @@ class WorkerConfig:
     device: str | None = None
     attention_backend: str | None = None
     compile: bool = False
+    parallel: object | None = None  # a diffserve.parallel.mesh.ParallelConfig for multi-GPU engines
     fault_injection: bool = False  # test hook, see diffserve.server.worker
 
 

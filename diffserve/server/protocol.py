@@ -66,7 +66,9 @@ def from_validation_error(errors: list[dict[str, Any]]) -> APIError:
     if not errors:
         return APIError(400, "invalid request body")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):  # FastAPI's location prefix (no body field
+        loc = loc[1:]  # of ours has one of these names)
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "extra_forbidden":
@@ -123,7 +125,7 @@ class ImageGenerationBody(SamplingExtensions):
     user: str | None = None
     moderation: str | None = None
     background: Literal["auto", "opaque"] | None = None
-    stream: Literal[False] | None = None
+    stream: bool | None = None  # true is refused: no streaming
 
 
 class ImageEditBody(ImageGenerationBody):
@@ -185,8 +187,8 @@ def frames_for_seconds(seconds: float, defaults: ModelDefaults, fps: int) -> int
     lo = defaults.min_frames + (-(defaults.min_frames - 1)) % 4
     hi = defaults.max_frames - (defaults.max_frames - 1) % 4
     if frames > hi:
-        raise APIError(400, f"seconds={seconds:g} is too long for this model: at most {hi / fps:g} s "
-                            f"({hi} frames at {fps} fps)", param="seconds")
+        raise APIError(400, f"seconds={seconds:g} is too long for this model: it makes at most {hi} frames "
+                            f"({hi / fps:.2f} s at {fps} fps)", param="seconds")
     return max(frames, lo)
 
 

@@ -4,6 +4,9 @@ Response: ``{"created", "data": [{"b64_json"} | {"url"}], "output_format", "size
 is an extension: the request's seed; its n images come from that one seed). ``response_format`` defaults to
 ``b64_json``; ``url`` results are files in ``<output-dir>/images`` served at ``/outputs/images/<name>``
 under unguessable names, without the API key (as capability URLs).
+
+A client that closes its connection before the answer cancels its request (it leaves the queue, or stops at
+the next denoising step once nothing else in its batch is wanted).
 """
 
 from __future__ import annotations
@@ -72,6 +75,27 @@ def _build_request(rt: Runtime, body: ImageGenerationBody, image: Any) -> Genera
         num_outputs=n, image=image), defaults)
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read, so nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _result_unless_disconnected(rt: Runtime, request: Request, item: WorkItem) -> ItemDone:
+    """The item's result; if the client goes away first, the request is cancelled instead."""
+    result = asyncio.wrap_future(item.future)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not result.done():
+        result.cancel()  # nobody will read it
+        rt.cancel(item)
+        raise APIError(499, "the client closed the connection; the request was cancelled", code="cancelled")
+    return result.result()
+
+
 async def _generate(rt: Runtime, request: Request, body: ImageGenerationBody, image: Any) -> dict[str, Any]:
     """Queue one image request, wait for its result, and shape the response."""
     rt.check_model(body.model)
@@ -79,7 +103,7 @@ async def _generate(rt: Runtime, request: Request, body: ImageGenerationBody, im
     spec, fmt = _output_spec(rt, body, req.num_outputs)
     item = WorkItem(id=f"img_{secrets.token_hex(12)}", kind="image", request=req, output=spec)
     rt.submit(item)
-    done: ItemDone = await asyncio.wrap_future(item.future)
+    done = await _result_unless_disconnected(rt, request, item)
     if spec.paths is not None:
         base = str(request.base_url).rstrip("/")
         data = [{"url": f"{base}/outputs/images/{p.name}", "revised_prompt": None} for p in done.paths]

@@ -174,12 +174,7 @@ async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
     job = rt.jobs.remove(video_id)
     if job is None:
         raise _unknown(video_id)
-    item = job.item
-    if item is not None:
-        item.cancelled = True
-        if rt.scheduler.remove(item.id) is not None:
-            item.fail(APIError(409, "the request was cancelled", code="cancelled"))
-        else:
-            rt.supervisor.cancel(item)
+    if job.item is not None:
+        rt.cancel(job.item)
     job.path.unlink(missing_ok=True)
     return {"id": video_id, "object": "video.deleted", "deleted": True}

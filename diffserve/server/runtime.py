@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class ServerConfig:
 class Runtime:
     """Everything the routes share, created once per server."""
 
-    def __init__(self, config: ServerConfig, on_fatal=None) -> None:
+    def __init__(self, config: ServerConfig, on_fatal: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.created = int(time.time())
         self.jobs = JobStore()
@@ -88,6 +89,15 @@ class Runtime:
 
     def submit(self, item: WorkItem) -> None:
         self.scheduler.submit(item)
+
+    def cancel(self, item: WorkItem) -> None:
+        """Stop `item`: a queued one leaves the queue, a running one stops at its next denoising step (once
+        every request of its batch is cancelled; otherwise its outputs are dropped when the batch ends)."""
+        item.cancelled = True
+        if self.scheduler.remove(item.id) is not None:
+            item.fail(APIError(409, "the request was cancelled", code="cancelled"))
+        else:
+            self.supervisor.cancel(item)
 
     def begin_shutdown(self) -> None:
         """Start the shutdown sequence (module docstring) without waiting for it; idempotent."""

@@ -79,8 +79,6 @@ class WorkerSupervisor:
         self._running: dict[str, WorkItem] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
         self._batch_ids = itertools.count(1)
         self._proc: Any = None
         self._tasks: Connection | None = None
@@ -122,12 +120,12 @@ class WorkerSupervisor:
 
     def stop(self, grace_s: float) -> None:
         """Shut down: let the running batch finish for up to `grace_s`, then cancel it, then stop the worker."""
-        self._stopping.set()
-        if not self._idle.wait(grace_s):
-            with self._lock:
-                self._send_cancel(CANCEL_ALL)
-            self._idle.wait(10.0)
+        self._stopping.set()  # the loop ends once the batch in hand (if any) is over
         if self._thread.is_alive():
+            self._thread.join(timeout=grace_s)
+        if self._thread.is_alive():
+            with self._lock:
+                self._send_cancel(CANCEL_ALL)  # stop the batch at its next step
             self._thread.join(timeout=15.0)
         if self._thread.is_alive():  # the worker does not answer: kill it, the loop then fails what it ran
             proc = self._proc
@@ -155,17 +153,21 @@ class WorkerSupervisor:
                     continue
                 failures = 0
                 self._serve()
-                if self._stopping.is_set():
-                    break
-                self.restarts += 1
-                log.warning("%s; restarting it (restart %d)", self.last_error, self.restarts)
-                if self.metrics:
-                    self.metrics.worker_restarts.inc()
-                self._set_state("restarting")
                 self._stop_process()
         finally:
             self._stop_process()
-            self._idle.set()
+
+    def _worker_lost(self, reason: str) -> None:
+        """Record that the worker died (before anyone waiting is told, so /health already says so)."""
+        self.last_error = reason
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            self.state = "restarting"
+            self.restarts += 1
+        log.warning("%s; restarting it (restart %d)", reason, self.restarts)
+        if self.metrics:
+            self.metrics.worker_restarts.inc()
 
     def _set_state(self, state: str) -> None:
         with self._lock:
@@ -191,8 +193,10 @@ class WorkerSupervisor:
         task_r, task_w = ctx.Pipe(duplex=False)
         ev_r, ev_w = ctx.Pipe(duplex=False)
         cancel_r, cancel_w = ctx.Pipe(duplex=False)
+        # A multi-GPU engine starts rank processes, which a daemonic process may not; the single-process
+        # worker stays daemonic so it cannot outlive a front that exits without stopping it.
         proc = ctx.Process(target=worker_main, args=(self.cfg, task_r, ev_w, cancel_r), name="diffserve-worker",
-                           daemon=True)
+                           daemon=self.cfg.parallel is None)
         proc.start()
         for end in (task_r, ev_w, cancel_r):
             end.close()
@@ -248,7 +252,7 @@ class WorkerSupervisor:
                 if batch:
                     self.scheduler.requeue_front(batch)
                 self._proc.join(timeout=1.0)
-                self.last_error = f"the worker process died while idle ({_exit_text(self._proc.exitcode)})"
+                self._worker_lost(f"the worker process died while idle ({_exit_text(self._proc.exitcode)})")
                 return
             if batch and not self._execute(batch):
                 return
@@ -259,7 +263,6 @@ class WorkerSupervisor:
         """Run one batch; False when the worker died during it (its items have then failed)."""
         now = time.monotonic()
         with self._lock:
-            self._idle.clear()
             for it in batch:
                 it.started_at = now
                 self._running[it.id] = it
@@ -279,7 +282,6 @@ class WorkerSupervisor:
         finally:
             with self._lock:
                 self._running.clear()
-                self._idle.set()
 
     def _begin(self, batch: list[WorkItem], now: float) -> None:
         """Mark items started, record queue waits and the batch size, forward cancels that came early."""
@@ -328,10 +330,10 @@ class WorkerSupervisor:
             item.resolve(done)
 
     def _death_error(self) -> APIError:
+        code = self._proc.exitcode if self._proc is not None else None
+        self._worker_lost(f"the worker process died while running a batch ({_exit_text(code)})")
         if self._stopping.is_set():
             return shutting_down_error()
-        code = self._proc.exitcode if self._proc is not None else None
-        self.last_error = f"the worker process died while running a batch ({_exit_text(code)})"
         return APIError(500, f"the model worker process died while running this request ({_exit_text(code)}); "
                              "it is being restarted, retry the request", type="server_error", code="worker_died")
 

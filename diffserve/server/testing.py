@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -100,6 +101,39 @@ def start_server(model_path: str | Path, workdir: Path, *, args: tuple[str, ...]
             server.stop(10)
             raise
     return server
+
+
+class RawRequest:
+    """A JSON POST sent on a plain socket, so a test decides when the client goes away (`close`)."""
+
+    def __init__(self, server: ServerProcess, path: str, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n")
+        if server.api_key:
+            head += f"Authorization: Bearer {server.api_key}\r\n"
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+        self.sock.sendall(head.encode() + b"\r\n" + payload)
+
+    def status(self) -> int:
+        """Wait for the response and return its status code."""
+        line = self.sock.makefile("rb").readline()
+        return int(line.split()[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_health(server: ServerProcess, predicate: Any, what: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll /health until predicate(status_code, body) holds; the body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = server.health()
+        if predicate(status, body):
+            return body
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}: {body}")
+        time.sleep(0.02)
 
 
 def assert_error(response: httpx.Response, status: int, *, param: str | None = None,

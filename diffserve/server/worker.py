@@ -204,7 +204,8 @@ def _load(cfg: WorkerConfig, events: Connection) -> object | None:
 
     try:
         engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,
-                                        attention_backend=cfg.attention_backend, compile=cfg.compile)
+                                        attention_backend=cfg.attention_backend, compile=cfg.compile,
+                                        parallel=cfg.parallel)  # type: ignore[arg-type]
     except UserError as e:
         events.send(LoadFailed(str(e), user_error=True))
         return None
@@ -225,6 +226,9 @@ def worker_main(cfg: WorkerConfig, tasks: Connection, events: Connection, cancel
     if engine is None:
         return
     _serve(BatchRunner(engine, events, CancelWatch(cancels), cfg.fault_injection), tasks)
+    close = getattr(engine, "close", None)  # a multi-GPU engine stops its rank processes
+    if close is not None:
+        close()
     # Every result has been sent and every file written atomically: skip the interpreter's teardown of torch
     # and the model, which takes seconds.
     os._exit(0)
