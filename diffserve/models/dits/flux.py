@@ -6,8 +6,7 @@ strict=True. Shapes are written at the boundaries: B batch, T text tokens, N ima
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,6 +17,7 @@ from torch import nn
 from diffserve.layers.attention import AttentionOp
 from diffserve.layers.embeddings import FeedForward, MLPEmbedder, timestep_features
 from diffserve.layers.rope import apply_rope_interleaved, rope_nd
+from diffserve.models.dits.config import config_from_dict, config_from_json
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,11 @@ class FluxConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> FluxConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"FluxConfig: unknown config keys {unknown}")
-        kw = {k: v for k, v in raw.items() if k in known}
-        if "axes_dims_rope" in kw:
-            kw["axes_dims_rope"] = tuple(kw["axes_dims_rope"])
-        return cls(**kw)
+        return config_from_dict(cls, raw, tuple_fields=("axes_dims_rope",))
 
     @classmethod
     def from_json(cls, path: str | Path) -> FluxConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return config_from_json(cls, path, tuple_fields=("axes_dims_rope",))
 
 
 def _fused_linear(*parts: nn.Linear) -> nn.Linear:

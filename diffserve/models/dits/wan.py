@@ -15,10 +15,9 @@ runs in the weights' dtype.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +28,7 @@ from torch import nn
 from diffserve.layers.attention import AttentionOp
 from diffserve.layers.embeddings import FeedForward, GeluProj, MLPEmbedder, timestep_features
 from diffserve.layers.rope import apply_rope_interleaved, rope_1d
+from diffserve.models.dits.config import config_from_dict, config_from_json
 
 QK_NORMS = ("rms_norm_across_heads", None)
 
@@ -71,18 +71,11 @@ class WanConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> WanConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"WanConfig: unknown config keys {unknown}")
-        kw = {k: v for k, v in raw.items() if k in known}
-        if "patch_size" in kw:
-            kw["patch_size"] = tuple(kw["patch_size"])
-        return cls(**kw)
+        return config_from_dict(cls, raw, tuple_fields=("patch_size",))
 
     @classmethod
     def from_json(cls, path: str | Path) -> WanConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return config_from_json(cls, path, tuple_fields=("patch_size",))
 
 
 @dataclass(frozen=True)
