@@ -14,9 +14,9 @@ VIDEO_FORMATS = ("mp4", "gif", "webp", "frames")
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model-path", required=True,
+    g.add_argument("--model-path", default=None,
                    help="diffusers-format model folder, or a Hugging Face repo id (org/name) resolved through "
-                        "the local hub cache (HF_HUB_OFFLINE honoured)")
+                        "the local hub cache (HF_HUB_OFFLINE honoured); default: diffserve's embedded model")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="weights and activations precision (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
@@ -87,7 +87,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffserve.media import check_output_target, load_image, resolve_format, write_images, write_videos
     from diffserve.parallel.mesh import parallel_config_from_args
 
-    engine = Engine.from_pretrained(args.model_path, dtype=args.dtype, device=args.device,
+    from diffserve.embedded import resolve_model_arg
+
+    wants_video = args.num_frames is not None or args.output_format in ("mp4", "gif", "frames") or args.image_path
+    model_path = resolve_model_arg(args.model_path, "video" if wants_video else "image")
+    engine = Engine.from_pretrained(model_path, dtype=args.dtype, device=args.device,
                                     attention_backend=args.attention_backend, compile=args.compile,
                                     fuse_projections=args.fuse_projections, vae_dtype=args.vae_dtype,
                                     parallel=parallel_config_from_args(args))

@@ -132,3 +132,22 @@ def test_image_to_video_errors(wan_i2v_repo: Path, tmp_path: Path, capsys) -> No
     assert "image" in capsys.readouterr().err.lower()
     assert main(base + ["--image-path", str(tmp_path / "missing.png")]) == 2
     assert main(base + ["--num-frames", "8", "--image-path", str(tmp_path / "notimage.png")]) == 2
+
+
+def test_no_model_path_without_embedded_model_is_a_clear_error(capsys, monkeypatch) -> None:
+    import diffserve.embedded as emb
+
+    monkeypatch.setattr(emb, "EMBEDDED", {"image": Path("/nonexistent/a"), "video": Path("/nonexistent/b")})
+    assert main(["generate", "--prompt", "a red circle", "--num-frames", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "no embedded video model" in err and "--model-path" in err
+
+
+def test_no_model_path_uses_embedded_model(flux_dev_repo: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import diffserve.embedded as emb
+
+    monkeypatch.setattr(emb, "EMBEDDED", {"image": flux_dev_repo, "video": Path("/nonexistent")})
+    assert main(["generate", "--prompt", "a red circle", "--height", "32", "--width", "32",
+                 "--num-inference-steps", "1", "--output-dir", str(tmp_path), "--dtype", "fp32"]) == 0
+    assert "using the embedded image model" in capsys.readouterr().err
+    assert len(list(tmp_path.glob("*.png"))) == 1

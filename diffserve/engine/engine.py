@@ -43,7 +43,14 @@ class GenerationResult:
 class Engine:
     """Load a model once; generate many times. `Engine.from_pretrained(path)` is the usual entry."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        """`Engine()` loads diffserve's embedded image model on the default device."""
+        if config is None:
+            from diffserve.embedded import resolve_model_arg
+
+            dev = default_device()
+            config = EngineConfig(model_path=resolve_model_arg(None, "image"), device=dev,
+                                  dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         self.config = config
         root = resolve_model_path(config.model_path)
         self.model_root = root
@@ -61,14 +68,17 @@ class Engine:
             self.compiled_blocks = compile_blocks(self.pipeline.components.transformer)  # type: ignore[union-attr]
 
     @classmethod
-    def from_pretrained(cls, model_path: str, *, dtype: str | torch.dtype | None = None,
+    def from_pretrained(cls, model_path: str | None = None, *, dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attention_backend: str | None = None,
                         compile: bool = False, parallel: ParallelConfig | None = None,
                         fuse_projections: bool = False,
                         vae_dtype: str | torch.dtype | None = None) -> Engine | ParallelEngine:
         """Load a model. With `parallel` asking for more than one process (or in a torchrun world of
         several) the engine is a `ParallelEngine` with the same API; see docs/PARALLEL.md."""
+        from diffserve.embedded import resolve_model_arg
         from diffserve.engine.multiproc import ParallelEngine, needs_parallel_engine
+
+        model_path = resolve_model_arg(model_path, "image")
 
         if needs_parallel_engine(parallel):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,

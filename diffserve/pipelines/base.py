@@ -7,15 +7,18 @@ the requests, so bad input is rejected before any model work.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from diffserve.config import GenerationRequest, ModelDefaults, resolve_request
-from diffserve.errors import CancelledError, InvalidRequestError
+from diffserve.errors import CancelledError, CheckpointError, InvalidRequestError
+from diffserve.models.loader import read_json
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
@@ -62,6 +65,27 @@ class PipelineState:
     def check_cancelled(self) -> None:
         if self.should_stop is not None and self.should_stop():
             raise CancelledError("generation cancelled")
+
+
+# Fields of ModelDefaults a repo may set in its own `diffserve_defaults.json` (models diffserve ships).
+REPO_DEFAULT_FIELDS = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length",
+                       "num_frames", "fps")
+
+
+def repo_defaults(root: Path) -> dict:
+    """The repo's `diffserve_defaults.json` (empty when absent); unknown keys are a CheckpointError."""
+    path = root / "diffserve_defaults.json"
+    if not path.is_file():
+        return {}
+    raw = read_json(path)
+    unknown = sorted(k for k in raw if not k.startswith("_") and k not in REPO_DEFAULT_FIELDS)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown keys {unknown}; accepted: {', '.join(REPO_DEFAULT_FIELDS)}")
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def replace_defaults(defaults: ModelDefaults, overrides: dict) -> ModelDefaults:
+    return dataclasses.replace(defaults, **overrides) if overrides else defaults
 
 
 class PipelineStage:

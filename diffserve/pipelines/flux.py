@@ -16,7 +16,14 @@ from diffserve.errors import InvalidRequestError
 from diffserve.layers.attention import AttentionOp
 from diffserve.models.dits.flux import FluxConfig, FluxTransformer
 from diffserve.models.loader import ModelIndex, load_component, load_dit, read_json
-from diffserve.pipelines.base import ComposedPipeline, InputValidationStage, PipelineStage, PipelineState
+from diffserve.pipelines.base import (
+    ComposedPipeline,
+    InputValidationStage,
+    PipelineStage,
+    PipelineState,
+    replace_defaults,
+    repo_defaults,
+)
 from diffserve.pipelines.stages.latents import initial_noise
 from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output, t5_hidden_states
 from diffserve.schedulers.flow_match import (
@@ -155,16 +162,18 @@ class FluxDecodingStage(PipelineStage):
         state.pixels = (image / 2 + 0.5).clamp(0, 1).float()  # (B, 3, H, W)
 
 
-def flux_defaults(c: FluxComponents) -> ModelDefaults:
+def flux_defaults(c: FluxComponents, overrides: dict | None = None) -> ModelDefaults:
     """Reference defaults: dev 1024^2, 28 steps, guidance 3.5, 512 T5 tokens; schnell (no guidance
-    embedding: timestep-distilled) 4 steps, 256 tokens."""
+    embedding: timestep-distilled) 4 steps, 256 tokens. `overrides` (a repo's diffserve_defaults.json)
+    may set height, width, num_inference_steps, guidance_scale, max_sequence_length."""
     f = c.vae_scale_factor
     dev = c.transformer.cfg.guidance_embeds
-    return ModelDefaults(
+    base = ModelDefaults(
         kind="image", height=DEFAULT_SAMPLE_SIZE * f, width=DEFAULT_SAMPLE_SIZE * f,
         num_inference_steps=28 if dev else 4, guidance_scale=3.5 if dev else 0.0,
         size_multiple=2 * f, min_size=2 * f, max_size=max(4096, 4 * f), max_sequence_length=512 if dev else 256,
     )
+    return replace_defaults(base, overrides or {})
 
 
 def load_flux_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> FluxComponents:
@@ -194,7 +203,7 @@ class FluxInputStage(InputValidationStage):
 
 def build_flux_pipeline(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> ComposedPipeline:
     c = load_flux_components(index, cfg, attention)
-    defaults = flux_defaults(c)
+    defaults = flux_defaults(c, repo_defaults(index.root))
     stages: list[PipelineStage] = [
         FluxInputStage(defaults), FluxTextEncodingStage(c), FluxLatentStage(c), FluxTimestepStage(c),
         FluxDenoisingStage(c), FluxDecodingStage(c),

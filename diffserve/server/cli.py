@@ -88,10 +88,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffserve.server.messages import WorkerConfig
     from diffserve.server.runtime import Runtime, ServerConfig
 
+    from diffserve.embedded import resolve_model_arg
+
+    args.model_path = resolve_model_arg(args.model_path, "image")
     _check_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     worker = WorkerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
                           attention_backend=args.attention_backend, compile=getattr(args, "compile", False),
+                          fuse_projections=args.fuse_projections, vae_dtype=args.vae_dtype,
                           parallel=parallel_config_from_args(args),
                           fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
     config = ServerConfig(

@@ -25,6 +25,8 @@ class WorkerConfig:
     device: str | None = None
     attention_backend: str | None = None
     compile: bool = False
+    fuse_projections: bool = False
+    vae_dtype: str | None = None
     parallel: object | None = None  # a diffserve.parallel.mesh.ParallelConfig for multi-GPU engines
     fault_injection: bool = False  # test hook, see diffserve.server.worker
 

@@ -1,0 +1,37 @@
+"""Models diffserve trained itself and ships (tools/train_embedded), used when no --model-path is given.
+
+They are small diffusers-format repos of the real architectures (FLUX for images), trained on procedurally
+generated scenes of coloured shapes (`diffserve.testing.shapes`), so the main command works on any machine
+with no download.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from diffserve.errors import UserError
+
+ROOT = Path(__file__).parent
+EMBEDDED = {"image": ROOT / "shapes-image", "video": ROOT / "shapes-video"}
+
+
+def embedded_model(kind: Literal["image", "video"]) -> Path | None:
+    """The shipped model folder for `kind`, or None when this build ships none."""
+    path = EMBEDDED[kind]
+    return path if (path / "model_index.json").is_file() else None
+
+
+def resolve_model_arg(model_path: str | None, kind: Literal["image", "video"], announce: bool = True) -> str:
+    """`model_path` as given, or the embedded model of `kind` (announced on stderr in one line)."""
+    if model_path is not None:
+        return model_path
+    path = embedded_model(kind)
+    if path is None:
+        raise UserError(f"no --model-path given, and this diffserve ships no embedded {kind} model; pass "
+                        f"--model-path with a diffusers-format folder or a Hugging Face repo id (org/name)")
+    if announce:
+        print(f"diffserve: no --model-path given: using the embedded {kind} model (coloured shapes, {path.name}); "
+              f"pass --model-path FOLDER_OR_ORG/NAME for a real checkpoint", file=sys.stderr)
+    return str(path)
