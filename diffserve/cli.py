@@ -83,11 +83,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from diffserve.config import GenerationRequest
+    from diffserve.embedded import resolve_model_arg
     from diffserve.engine.engine import Engine
     from diffserve.media import check_output_target, load_image, resolve_format, write_images, write_videos
     from diffserve.parallel.mesh import parallel_config_from_args
-
-    from diffserve.embedded import resolve_model_arg
 
     wants_video = args.num_frames is not None or args.output_format in ("mp4", "gif", "frames") or args.image_path
     model_path = resolve_model_arg(args.model_path, "video" if wants_video else "image")

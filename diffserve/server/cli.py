@@ -83,12 +83,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM / SIGINT."""
     import uvicorn
 
+    from diffserve.embedded import resolve_model_arg
     from diffserve.parallel.mesh import parallel_config_from_args
     from diffserve.server.app import create_app
     from diffserve.server.messages import WorkerConfig
     from diffserve.server.runtime import Runtime, ServerConfig
-
-    from diffserve.embedded import resolve_model_arg
 
     args.model_path = resolve_model_arg(args.model_path, "image")
     _check_args(args)
