@@ -79,6 +79,10 @@ def setup_torch(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # The first H100 run failed in the transformer's first backward (CUBLAS_STATUS_EXECUTION_FAILED,
+        # an asynchronous error from an earlier kernel); torch 2.11 routes SDPA to cuDNN there, whose
+        # backward is the prime suspect at these small head sizes, so training uses flash / mem-efficient.
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
