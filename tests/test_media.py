@@ -1,4 +1,4 @@
-"""Tests for diffserve.media: pixel conversion parity with diffusers, encoders, atomic writes, output-target
+"""Tests for diffserve.media and diffserve.image_input: pixel conversion parity with diffusers, encoders, atomic writes, output-target
 checks and image input loading (URLs against a local HTTP server only; no network)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffserve import media
+from diffserve import image_input, media
 from diffserve.errors import InvalidRequestError, OutputError
 from diffserve.media import (
     check_output_target,
@@ -520,8 +520,8 @@ def test_load_image_url_timeout(server_url: str, route: str) -> None:
 
 def test_load_image_refuses_redirect_to_private(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Treat 127.0.0.1 as public so the first hop is allowed; the redirect goes to 127.0.0.2.
-    real = media.is_blocked_ip
-    monkeypatch.setattr(media, "is_blocked_ip", lambda ip: str(ip) != "127.0.0.1" and real(ip))
+    real = image_input.is_blocked_ip
+    monkeypatch.setattr(image_input, "is_blocked_ip", lambda ip: str(ip) != "127.0.0.1" and real(ip))
     _assert_gradient(load_image(f"{server_url}/img.png", block_private=True))
     with pytest.raises(InvalidRequestError, match="non-public address 127.0.0.2"):
         load_image(f"{server_url}/to-private", block_private=True)
