@@ -16,7 +16,14 @@ from diffserve.config import EngineConfig, ModelDefaults
 from diffserve.layers.attention import AttentionOp
 from diffserve.models.dits.wan import WanConfig, WanTransformer
 from diffserve.models.loader import ModelIndex, load_component, load_dit, read_json
-from diffserve.pipelines.base import ComposedPipeline, InputValidationStage, PipelineStage, PipelineState
+from diffserve.pipelines.base import (
+    ComposedPipeline,
+    InputValidationStage,
+    PipelineStage,
+    PipelineState,
+    replace_defaults,
+    repo_defaults,
+)
 from diffserve.pipelines.stages.latents import initial_noise
 from diffserve.pipelines.stages.text import repeat_per_output, umt5_embeddings
 from diffserve.pipelines.wan_schedules import WanSchedule, schedule_from_checkpoint
@@ -210,7 +217,7 @@ def load_wan_components(index: ModelIndex, cfg: EngineConfig, attention: Attenti
 
 def _build(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, i2v: bool) -> ComposedPipeline:
     c = load_wan_components(index, cfg, attention, i2v)
-    defaults = wan_defaults(c, i2v)
+    defaults = replace_defaults(wan_defaults(c, i2v), repo_defaults(index.root))
     stages: list[PipelineStage] = [InputValidationStage(defaults), WanTextEncodingStage(c)]
     if i2v:
         stages.append(WanImageEncodingStage(c))

@@ -1,0 +1,564 @@
+"""Train diffserve's embedded text-to-video model (Wan2.1 architecture) on procedural moving-shape clips,
+within a wall-clock budget, and write it as a diffusers-format ``WanPipeline`` repo.
+
+    python -m tools.train_embedded.video --out outputs/embedded-video --minutes 9 --device cuda [--resume]
+
+Phases (time-based), as the image trainer (``tools/train_embedded/image.py``, whose data stream, clock, EMA,
+checkpointing and evaluation are reused from ``common.py``): the causal 3D VAE (``AutoencoderKLWan``, L1 +
+L2 + small KL on 9-frame 64 x 64 clips, 9 frames -> 3 latent frames, 64 -> 8 pixels) gets ``vae_fraction``
+of the training window, then its per-channel latent mean / std become the VAE config's ``latents_mean`` /
+``latents_std``, then the ``WanTransformer3DModel`` is trained jointly with a tiny UMT5 encoder with flow
+matching as diffserve's Wan pipeline samples it (flow UniPC): x_t = (1 - s) x0 + s noise, target
+noise - x0, timestep 1000 s, text states masked and zero-padded to ``max_sequence_length``. Writes
+``OUT/repo`` (fp16 weights, EMA), ``OUT/state.pt``, and evaluates through diffserve's Engine.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.monotonic()  # the budget counts from here (before the heavy imports)
+
+import argparse
+import functools
+import importlib.metadata
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tools.train_embedded import common as C
+
+REPO_BUDGET_MB = 20.0
+REFERENCE = "Wan2.1-T2V-1.3B-Diffusers"  # the configs (model_index, scheduler, components) we start from
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Model sizes and training settings (stored in state.pt; a resumed run keeps them)."""
+
+    size: int = 64
+    frames: int = 9  # 4k + 1 frames: (frames - 1) / 4 + 1 latent frames
+    fps: int = 8
+    vae_base: int = 16
+    vae_mult: tuple[int, ...] = (1, 2, 4, 4)  # 3 down-samplings: spatial factor 8
+    vae_res_blocks: int = 1
+    temporal_down: tuple[bool, ...] = (False, True, True)  # temporal factor 4
+    z_dim: int = 8
+    t5_dim: int = 128
+    t5_layers: int = 2
+    t5_heads: int = 4
+    t5_length: int = 0  # 0: the smallest of 32/64/128/256 that holds the training captions
+    heads: int = 6
+    head_dim: int = 32
+    ffn_dim: int = 768
+    layers: int = 6
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    dit_batch: int = 256
+    dit_lr: float = 5e-4
+    text_lr: float = 2.5e-4
+    ema_decay: float = 0.999
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    sigma_logit_std: float = 1.0
+    shift: float = 1.0  # the scheduler's flow_shift, used alike for training and sampling
+    vae_fraction: float = 0.25
+    chunk: int = 64
+    video_pool: int = 8192
+    latent_pool: int = 65536
+    min_fill: int = 1024
+    steps_default: int = 20
+    stats_videos: int = 2048
+
+
+PRESETS: dict[str, VideoConfig] = {
+    "default": VideoConfig(),
+    "tiny": VideoConfig(vae_base=4, z_dim=4, t5_dim=32, t5_heads=2, heads=2, head_dim=12, ffn_dim=32, layers=1,
+                        vae_batch=2, dit_batch=8, warmup_steps=5, chunk=8, video_pool=64, latent_pool=128,
+                        min_fill=16, steps_default=4, stats_videos=16),
+}
+_TUPLES = {"vae_mult", "temporal_down"}
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def build_vae(cfg: VideoConfig):
+    from diffusers import AutoencoderKLWan
+
+    conf = C.real_config(REFERENCE, "vae") | dict(
+        base_dim=cfg.vae_base, z_dim=cfg.z_dim, dim_mult=list(cfg.vae_mult), num_res_blocks=cfg.vae_res_blocks,
+        temperal_downsample=list(cfg.temporal_down), latents_mean=[0.0] * cfg.z_dim,
+        latents_std=[1.0] * cfg.z_dim)
+    return AutoencoderKLWan.from_config(conf)
+
+
+def build_text_encoder(cfg: VideoConfig):
+    """Tiny UMT5EncoderModel: Wan2.1's config with the sizes replaced, dropout off."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from diffserve.testing.tiny_tokenizers import T5_VOCAB_SIZE
+
+    conf = C.real_config(REFERENCE, "text_encoder") | dict(
+        d_model=cfg.t5_dim, d_kv=cfg.t5_dim // cfg.t5_heads, d_ff=2 * cfg.t5_dim, num_layers=cfg.t5_layers,
+        num_decoder_layers=cfg.t5_layers, num_heads=cfg.t5_heads, vocab_size=T5_VOCAB_SIZE, dropout_rate=0.0)
+    return UMT5EncoderModel(UMT5Config(**conf))
+
+
+def transformer_config(cfg: VideoConfig) -> dict:
+    return C.real_config(REFERENCE, "transformer") | dict(
+        in_channels=cfg.z_dim, out_channels=cfg.z_dim, num_attention_heads=cfg.heads,
+        attention_head_dim=cfg.head_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.layers, text_dim=cfg.t5_dim)
+
+
+@torch.no_grad()
+def build_transformer(cfg: VideoConfig, zero_init: bool = True):
+    """diffusers WanTransformer3DModel; with `zero_init` the output projection starts at zero."""
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel.from_config(transformer_config(cfg))
+    if zero_init:
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    return model
+
+
+def model_sizes(cfg: VideoConfig) -> dict[str, int]:
+    """Parameter counts per component (built on the meta device)."""
+    with torch.device("meta"):
+        return {"transformer": C.count_params(build_transformer(cfg, zero_init=False)),
+                "vae": C.count_params(build_vae(cfg)), "text_encoder": C.count_params(build_text_encoder(cfg))}
+
+
+def latent_frames(cfg: VideoConfig) -> int:
+    return (cfg.frames - 1) // 2 ** sum(cfg.temporal_down) + 1
+
+
+def latent_size(cfg: VideoConfig) -> int:
+    return cfg.size // 2 ** (len(cfg.vae_mult) - 1)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def render_videos(rng: np.random.Generator, n: int, size: int, frames: int) -> tuple[np.ndarray, list[str]]:
+    videos, captions, _ = C.shapes_module().make_video_batch(rng, n, num_frames=frames, size=size, split="train")
+    return videos, list(captions)
+
+
+class Tokenize:
+    """Tokenize captions as diffserve's Wan text stage does (cleaned, padded to ``t5_length``, truncated):
+    int16 ids and the attention mask."""
+
+    def __init__(self, t5_length: int) -> None:
+        from diffserve.testing.tiny_tokenizers import build_t5_tokenizer
+
+        self.tok, self.t5_length = build_t5_tokenizer(), t5_length
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffserve.pipelines.stages.text import clean_prompt
+
+        t = self.tok([clean_prompt(c) for c in captions], padding="max_length", max_length=self.t5_length,
+                     truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        return t.input_ids.to(torch.int16), t.attention_mask.to(torch.int16)
+
+
+def video_unit(videos: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> float (B, 3, F, H, W) in [-1, 1]."""
+    return C.to_unit(videos).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class Progress:
+    """The counters of a run (saved in state.pt)."""
+
+    phase: str = "vae"  # "vae", then "dit" once the VAE and its latent statistics are final
+    next_chunk: int = 0
+    vae_step: int = 0
+    vae_seconds: float = 0.0
+    vae_target_seconds: float = 0.0  # fixed by the first run
+    dit_step: int = 0
+    dit_seconds: float = 0.0
+    latents_mean: list = field(default_factory=list)
+    latents_std: list = field(default_factory=list)
+    runs: int = 0
+    history: list = field(default_factory=list)  # [phase, step, seconds, last loss] at the end of each phase/run
+
+
+@dataclass
+class Run:
+    cfg: VideoConfig
+    device: torch.device
+    seed: int
+    vae: torch.nn.Module
+    umt5: torch.nn.Module
+    dit: torch.nn.Module
+    gen: torch.Generator
+    p: Progress = field(default_factory=Progress)
+    vae_opt: torch.optim.Optimizer | None = None
+    dit_opt: torch.optim.Optimizer | None = None
+    ema: C.EMA | None = None
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        mods = {"dit": self.dit, "umt5": self.umt5}
+        return {f"{m}.{k}": p for m, mod in mods.items() for k, p in mod.named_parameters()}
+
+    def state(self) -> dict:
+        return {"version": 1, "config": asdict(self.cfg), "seed": self.seed, "progress": asdict(self.p),
+                "vae": self.vae.state_dict(), "umt5": self.umt5.state_dict(), "dit": self.dit.state_dict(),
+                "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None,
+                "dit_opt": self.dit_opt.state_dict() if self.dit_opt else None,
+                "ema": self.ema.state_dict() if self.ema else None, "gen": self.gen.get_state()}
+
+    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, z, 1, 1, 1) per-channel mean and std on the device."""
+        shape = (1, self.cfg.z_dim, 1, 1, 1)
+        return (torch.tensor(self.p.latents_mean, device=self.device).view(shape),
+                torch.tensor(self.p.latents_std, device=self.device).view(shape))
+
+
+def new_run(cfg: VideoConfig, device: torch.device, seed: int) -> Run:
+    torch.manual_seed(seed)
+    vae = build_vae(cfg)
+    torch.manual_seed(seed + 1)
+    umt5 = build_text_encoder(cfg)
+    torch.manual_seed(seed + 2)
+    dit = build_transformer(cfg)
+    run = Run(cfg, device, seed, vae.to(device), umt5.to(device), dit.to(device),
+              torch.Generator(device).manual_seed(seed + 3))
+    run.vae_opt = C.adamw([{"params": list(run.vae.parameters()), "lr": cfg.vae_lr}], device)
+    return run
+
+
+def load_run(sd: dict, device: torch.device) -> Run:
+    cfg = VideoConfig(**{k: tuple(v) if k in _TUPLES else v for k, v in sd["config"].items()})
+    run = new_run(cfg, device, int(sd["seed"]))
+    for name in ("vae", "umt5", "dit"):
+        getattr(run, name).load_state_dict(sd[name])
+    run.p = Progress(**sd["progress"])
+    try:
+        run.gen.set_state(sd["gen"].cpu())
+    except RuntimeError:
+        C.log("note: the checkpoint's RNG state is from another device type; the RNG is reseeded")
+    run.vae_opt.load_state_dict(sd["vae_opt"])
+    if run.p.phase == "dit":
+        run.vae.register_to_config(latents_mean=run.p.latents_mean, latents_std=run.p.latents_std)
+        start_dit(run)
+        run.dit_opt.load_state_dict(sd["dit_opt"])
+        run.ema.load_state_dict(sd["ema"])
+    return run
+
+
+def start_dit(run: Run) -> None:
+    """Optimizer and EMA of the transformer and the text encoder."""
+    groups = [{"params": list(run.dit.parameters()), "lr": run.cfg.dit_lr},
+              {"params": list(run.umt5.parameters()), "lr": run.cfg.text_lr}]
+    run.dit_opt = C.adamw(groups, run.device)
+    run.ema = C.EMA(run.trainable(), run.cfg.ema_decay)
+
+
+def save_state(run: Run, out: Path) -> None:
+    C.atomic_torch_save(run.state(), out / "state.pt")
+
+
+# ------------------------------------------------------------------------------------------ phases
+
+
+def train_vae(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args: argparse.Namespace) -> C.RingPool:
+    """Train the VAE until its time target, then fix the latent statistics and move to the DiT phase.
+    Returns the clip pool (with token ids), which starts the DiT's latent pool."""
+    cfg, dev, vae, p = run.cfg, run.device, run.vae, run.p
+    s, n_f = cfg.size, cfg.frames
+    pool = C.RingPool(cfg.video_pool, {"videos": ((n_f, s, s, 3), torch.uint8),
+                                       "t5": ((cfg.t5_length,), torch.int16),
+                                       "mask": ((cfg.t5_length,), torch.int16)}, dev)
+    start, base = clock.now(), p.vae_seconds
+    end = min(train_end, start + p.vae_target_seconds - base)
+
+    def ingest(item) -> None:
+        pool.add(videos=item[1], t5=item[2], mask=item[3])
+        p.next_chunk = feeder.next_chunk
+
+    def sync() -> None:
+        p.vae_seconds = base + clock.now() - start
+
+    while pool.count < min(cfg.min_fill, cfg.video_pool):
+        ingest(feeder.get())
+    C.log(f"vae: pool {pool.count} clips after {clock.now() - start:.1f}s; {p.vae_target_seconds:.0f}s of VAE time")
+    meter = C.Meter("vae", args.log_every, cfg.vae_batch)
+    saver = C.Saver(lambda: (sync(), save_state(run, args.out)), args.save_every)
+    vae.train()
+    while clock.now() < end:
+        if (item := feeder.get(block=False)) is not None:
+            ingest(item)
+        x = video_unit(pool.sample(cfg.vae_batch, run.gen, ("videos",))["videos"])
+        with C.autocast(dev):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=run.gen, device=dev)
+            rec = vae.decode(z).sample.float()
+        mean, logvar = post.mean.float(), post.logvar.float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean() / x[0].numel()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.kl_weight * kl
+        run.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        run.vae_opt.step()
+        p.vae_step += 1
+        frac = (base + clock.now() - start) / max(p.vae_target_seconds, 1e-6)
+        C.set_lr(run.vae_opt, C.lr_scale(p.vae_step, cfg.warmup_steps, frac))
+        meter.add(loss)
+        meter.maybe_print(p.vae_step, f"pool {pool.count} chunks {feeder.next_chunk}")
+        saver.maybe()
+    sync()
+    meter.maybe_print(p.vae_step, "(end of phase)", force=True)
+    p.history.append(["vae", p.vae_step, round(p.vae_seconds, 1), meter.last_loss])
+    if p.vae_seconds >= p.vae_target_seconds - 1e-3 and p.vae_step > 0:
+        finish_vae(run, pool)
+    return pool
+
+
+@torch.no_grad()
+def encode_latents(run: Run, videos: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) clips -> VAE posterior modes (B, z, F_lat, h, w), float32, unnormalised."""
+    with C.autocast(run.device):
+        return run.vae.encode(video_unit(videos.to(run.device))).latent_dist.mode().float()
+
+
+@torch.no_grad()
+def finish_vae(run: Run, pool: C.RingPool) -> None:
+    """Per-channel latent statistics -> the VAE config's latents_mean / latents_std, as Wan's VAE."""
+    p = run.p
+    run.vae.eval()
+    n = min(pool.count, run.cfg.stats_videos)
+    z = torch.cat([encode_latents(run, pool.data["videos"][i:min(i + 128, n)]) for i in range(0, n, 128)])
+    p.latents_mean = [round(v, 5) for v in z.mean((0, 2, 3, 4)).tolist()]
+    p.latents_std = [round(max(v, 1e-3), 5) for v in z.std((0, 2, 3, 4)).tolist()]
+    run.vae.register_to_config(latents_mean=p.latents_mean, latents_std=p.latents_std)
+    C.log(f"vae done: {p.vae_step} steps in {p.vae_seconds:.0f}s; latents mean {p.latents_mean} std {p.latents_std}")
+    p.phase = "dit"
+    start_dit(run)
+
+
+def latent_pool(run: Run, videos: C.RingPool | None, feeder: C.Feeder) -> tuple[C.RingPool, Callable]:
+    """The DiT's pool of normalised latents (x0) with token ids and masks, started from the VAE phase's
+    clips. Returns it and the function that adds a feeder chunk to it."""
+    cfg, p = run.cfg, run.p
+    h, f_lat = latent_size(cfg), latent_frames(cfg)
+    pool = C.RingPool(cfg.latent_pool, {"x0": ((cfg.z_dim, f_lat, h, h), torch.float16),
+                                        "t5": ((cfg.t5_length,), torch.int16),
+                                        "mask": ((cfg.t5_length,), torch.int16)}, run.device)
+    mean, std = run.latent_stats()
+
+    def add(px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        for i in range(0, px.shape[0], 256):
+            z = encode_latents(run, px[i:i + 256])
+            pool.add(x0=(z - mean) / std, t5=ids[i:i + 256], mask=mask[i:i + 256])
+
+    def ingest(item) -> None:
+        add(*item[1:])
+        p.next_chunk = feeder.next_chunk
+
+    if videos is not None:
+        add(*(videos.data[k][:videos.count] for k in ("videos", "t5", "mask")))
+    while pool.count < min(cfg.min_fill, cfg.latent_pool):
+        ingest(feeder.get())
+    return pool, ingest
+
+
+def text_states(umt5: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """UMT5 states with padding zeroed, as diffserve's ``umt5_embeddings``."""
+    mask = mask.long()
+    return umt5(ids.long(), mask).last_hidden_state * mask[..., None].to(torch.float32)
+
+
+def dit_loss(run: Run, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+    """Flow matching as the flow UniPC scheduler samples it: x_t = (1 - s) x0 + s noise; the transformer
+    predicts noise - x0 at timestep 1000 s."""
+    cfg, dev = run.cfg, run.device
+    x0 = batch["x0"].float()
+    noise = torch.randn(x0.shape, generator=run.gen, device=dev)
+    s = torch.sigmoid(torch.randn(x0.shape[0], generator=run.gen, device=dev) * cfg.sigma_logit_std)
+    s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+    sb = s.view(-1, 1, 1, 1, 1)
+    xt = (1 - sb) * x0 + sb * noise
+    with C.autocast(dev):
+        context = text_states(run.umt5, batch["t5"], batch["mask"])
+        v = (model or run.dit)(hidden_states=xt, timestep=s * 1000.0, encoder_hidden_states=context,
+                               return_dict=False)[0]
+    return F.mse_loss(v.float(), noise - x0)
+
+
+def train_dit(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args: argparse.Namespace,
+              videos: C.RingPool | None) -> None:
+    """Train the transformer and the text encoder with EMA until `train_end`."""
+    cfg, p = run.cfg, run.p
+    start, base = clock.now(), p.dit_seconds
+    pool, ingest = latent_pool(run, videos, feeder)
+    del videos
+    C.log(f"dit: pool {pool.count} latents after {clock.now() - start:.1f}s; {train_end - clock.now():.0f}s to train")
+    run.vae.eval().requires_grad_(False)
+    run.dit.train()
+    run.umt5.train()
+    params, window = list(run.trainable().values()), max(train_end - start, 1e-6)
+    model = torch.compile(run.dit) if args.compile else run.dit
+
+    def sync() -> None:
+        p.dit_seconds = base + clock.now() - start
+
+    meter = C.Meter("dit", args.log_every, cfg.dit_batch)
+    saver = C.Saver(lambda: (sync(), save_state(run, args.out)), args.save_every)
+    while clock.now() < train_end:
+        for _ in range(2):  # up to two fresh chunks per step
+            if (item := feeder.get(block=False)) is not None:
+                ingest(item)
+        run.dit_opt.zero_grad(set_to_none=True)
+        try:
+            loss = dit_loss(run, pool.sample(cfg.dit_batch, run.gen), model)
+            loss.backward()
+        except Exception as e:  # a failing torch.compile: go on eagerly (eager errors are raised)
+            if model is run.dit:
+                raise
+            C.log(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); continuing without it")
+            model = run.dit
+            continue
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        run.dit_opt.step()
+        run.ema.update()
+        p.dit_step += 1
+        C.set_lr(run.dit_opt, C.lr_scale(p.dit_step, cfg.warmup_steps, (clock.now() - start) / window))
+        meter.add(loss)
+        meter.maybe_print(p.dit_step, f"pool {pool.count} chunks {feeder.next_chunk}")
+        saver.maybe()
+    sync()
+    meter.maybe_print(p.dit_step, "(end of run)", force=True)
+    p.history.append(["dit", p.dit_step, round(p.dit_seconds, 1), meter.last_loss])
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+def defaults_for(cfg: VideoConfig) -> dict:
+    """The request defaults the model was trained for (``diffserve_defaults.json``)."""
+    return {"height": cfg.size, "width": cfg.size, "num_frames": cfg.frames, "fps": cfg.fps,
+            "num_inference_steps": cfg.steps_default, "guidance_scale": 1.0, "max_sequence_length": cfg.t5_length}
+
+
+def export_repo(run: Run, out: Path) -> Path:
+    """Write OUT/repo: a diffusers-format WanPipeline folder (fp16 weights, EMA), replacing an older one."""
+    from diffusers import UniPCMultistepScheduler
+
+    from diffserve.testing.tiny_tokenizers import build_t5_tokenizer
+
+    cfg, tmp = run.cfg, out / "repo.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    umt5 = C.ema_module(run.umt5, build_text_encoder(cfg), run.ema, "umt5")
+    dit = C.ema_module(run.dit, build_transformer(cfg, zero_init=False), run.ema, "dit")
+    vae = C.ema_module(run.vae, build_vae(cfg), None, "vae")
+    vae.register_to_config(latents_mean=run.p.latents_mean, latents_std=run.p.latents_std)
+    dit.half().save_pretrained(tmp / "transformer")
+    vae.half().save_pretrained(tmp / "vae")
+    C.save_transformers_model(umt5.half(), tmp / "text_encoder")
+    build_t5_tokenizer().save_pretrained(tmp / "tokenizer")
+    sched = {k: v for k, v in C.real_config(REFERENCE, "scheduler").items() if not k.startswith("_")}
+    UniPCMultistepScheduler.from_config(sched | {"flow_shift": cfg.shift}).save_pretrained(tmp / "scheduler")
+    C.write_json(tmp / "model_index.json",
+                 C.real_config(REFERENCE) | {"_diffusers_version": importlib.metadata.version("diffusers")})
+    C.write_json(tmp / "diffserve_defaults.json", defaults_for(cfg))
+    C.replace_dir(tmp, out / "repo")
+    mib = C.dir_bytes(out / "repo") / 2**20
+    C.log(f"wrote {out / 'repo'} ({mib:.2f} MiB)" + ("" if mib <= REPO_BUDGET_MB else
+                                                     f"; WARNING: above the {REPO_BUDGET_MB} MB budget"))
+    return out / "repo"
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def prepare_run(args: argparse.Namespace, device: torch.device) -> Run:
+    """Resume OUT/state.pt, or start a new run (choosing the T5 length from sampled captions)."""
+    state_path, preset = args.out / "state.pt", PRESETS[args.preset]
+    if args.resume or args.export_only:
+        if not state_path.is_file():
+            raise SystemExit(f"{state_path} does not exist; start without --resume")
+        run = load_run(torch.load(state_path, map_location=device, weights_only=False), device)
+        C.log(f"resumed {state_path}: {run.p.phase} phase, vae step {run.p.vae_step}, dit step {run.p.dit_step}")
+        if replace(run.cfg, t5_length=preset.t5_length) != preset:
+            C.log(f"note: the checkpoint's config is not --preset {args.preset}'s; the checkpoint's is used")
+        return run
+    if state_path.exists():
+        raise SystemExit(f"{state_path} exists; pass --resume to continue it, or choose another --out")
+    if preset.t5_length == 0:
+        shapes, rng = C.shapes_module(), np.random.default_rng([args.seed, 10**9])
+        captions = [shapes.caption(shapes.sample_scene(rng, "train", video=True)) for _ in range(2048)]
+        preset = replace(preset, t5_length=C.choose_t5_length(captions))
+        C.log(f"T5 length {preset.t5_length} (holds the longest of 2048 sampled captions)")
+    return new_run(preset, device, args.seed)
+
+
+def train(run: Run, args: argparse.Namespace, clock: C.Clock, train_end: float) -> None:
+    """The training phases of this process, then the final state.pt."""
+    run.p.runs += 1
+    render = functools.partial(render_videos, size=run.cfg.size, frames=run.cfg.frames)
+    feeder = C.Feeder(render, Tokenize(run.cfg.t5_length), run.seed, run.p.next_chunk, run.cfg.chunk, args.workers)
+    try:
+        pool = None
+        if run.p.phase == "vae":
+            if run.p.vae_target_seconds <= 0:
+                run.p.vae_target_seconds = run.cfg.vae_fraction * max(0.0, train_end - clock.now())
+            pool = train_vae(run, feeder, clock, train_end, args)
+        if run.p.phase == "dit":
+            train_dit(run, feeder, clock, train_end, args, pool)
+    finally:
+        feeder.close()
+    save_state(run, args.out)
+    C.log(f"saved {args.out / 'state.pt'} ({clock.elapsed():.0f}s elapsed)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.base_parser("python -m tools.train_embedded.video", __doc__.split("\n\n")[0])
+    p.set_defaults(eval_images=0)
+    p.add_argument("--eval-videos", type=int, default=32, help="prompts per split generated at the end (0: none)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model sizes (tiny: CPU tests)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer for training (its compile time counts against the budget)")
+    args = p.parse_args(argv)
+    n_eval = args.eval_videos
+    clock = C.Clock(args.minutes * 60, start=_T0 if argv is None else None)
+    device = torch.device(args.device)
+    C.setup_torch(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = prepare_run(args, device)
+    sizes = model_sizes(run.cfg)
+    C.log("params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
+          + f"; {2 * sum(sizes.values()) / 2**20:.1f} MiB in fp16")
+    reserve = args.reserve_seconds if args.reserve_seconds is not None else 10 + 0.5 * n_eval
+    if not args.export_only:
+        train(run, args, clock, clock.deadline - reserve)
+    if run.p.phase != "dit":
+        C.log("the VAE phase is not finished, so no repo was written: resume with a larger budget")
+        return 0
+    repo = export_repo(run, args.out)
+    info = {"seed": run.seed, "progress": asdict(run.p), "params": sizes, "config": asdict(run.cfg),
+            "repo_bytes": C.dir_bytes(repo), "diffusers": importlib.metadata.version("diffusers")}
+    if n_eval > 0 and clock.left() > 0:
+        info["eval"] = C.evaluate_repo(repo, device, run.seed, n_eval, args.out, run.cfg.size, video=True)
+    elif n_eval > 0:
+        C.log("no time left for the evaluation; skipped")
+    C.write_json(args.out / "training_info.json", info)
+    C.log(f"done in {clock.elapsed():.0f}s of {args.minutes * 60:.0f}s; repo {repo}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
