@@ -521,3 +521,21 @@ def evaluate_repo(repo: Path, device: torch.device, seed: int, n: int, out: Path
         results["vae_reconstruction"] = sum(bool(shapes.check_image(r, sc).ok) for r, sc in zip(rec, scenes)) / n
         log(f"eval vae reconstruction (held-out scenes): {results['vae_reconstruction']:.1%} pass")
     return results
+
+
+def vae_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, gen: torch.Generator,
+             kl_weight: float, grad_clip: float) -> torch.Tensor:
+    """One VAE training step on x in [-1, 1] (images or clips): reparameterised sample, L1 + L2
+    reconstruction plus a per-element KL term; returns the loss."""
+    with autocast(x.device):
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen, device=x.device)
+        rec = vae.decode(z).sample.float()
+    mean, logvar = post.mean.float(), post.logvar.float()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean() / x[0].numel()
+    loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + kl_weight * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), grad_clip)
+    opt.step()
+    return loss

@@ -302,17 +302,7 @@ def train_vae(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args
         if (item := feeder.get(block=False)) is not None:
             ingest(item)
         x = video_unit(pool.sample(cfg.vae_batch, run.gen, ("videos",))["videos"])
-        with C.autocast(dev):
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=run.gen, device=dev)
-            rec = vae.decode(z).sample.float()
-        mean, logvar = post.mean.float(), post.logvar.float()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean() / x[0].numel()
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.kl_weight * kl
-        run.vae_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        run.vae_opt.step()
+        loss = C.vae_step(vae, run.vae_opt, x, run.gen, cfg.kl_weight, cfg.grad_clip)
         p.vae_step += 1
         frac = (base + clock.now() - start) / max(p.vae_target_seconds, 1e-6)
         C.set_lr(run.vae_opt, C.lr_scale(p.vae_step, cfg.warmup_steps, frac))
