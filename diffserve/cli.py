@@ -16,7 +16,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model-path", default=None,
                    help="diffusers-format model folder, or a Hugging Face repo id (org/name) resolved through "
-                        "the local hub cache (HF_HUB_OFFLINE honoured); default: diffserve's embedded model")
+                        "the local hub cache (HF_HUB_OFFLINE honoured), or embedded:image / embedded:video; default: "
+                        "diffserve's embedded image model (its video model when a video is asked for)")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="weights and activations precision (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")

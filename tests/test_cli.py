@@ -151,3 +151,12 @@ def test_no_model_path_uses_embedded_model(flux_dev_repo: Path, tmp_path: Path, 
                  "--num-inference-steps", "1", "--output-dir", str(tmp_path), "--dtype", "fp32"]) == 0
     assert "using the embedded image model" in capsys.readouterr().err
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_embedded_aliases_name_the_shipped_models() -> None:
+    import diffserve.embedded as emb
+
+    for kind in ("image", "video"):
+        if emb.embedded_model(kind) is not None:
+            assert emb.resolve_model_arg(f"embedded:{kind}", "image") == str(emb.EMBEDDED[kind])
+    assert emb.resolve_model_arg("org/name", "video") == "org/name"

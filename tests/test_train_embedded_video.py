@@ -65,6 +65,21 @@ def test_train_resume_load_generate(tmp_path: Path) -> None:
     assert result.request.max_sequence_length == first["config"]["t5_length"]
     assert sum(f.stat().st_size for f in repo.rglob("*") if f.is_file()) <= video.REPO_BUDGET_MB * 2**20
 
+    # --init-from: a new run starts from the written repo's weights (what a later GPU session continues)
+    run = video.prepare_run(video_args(tmp_path / "again", init_from=repo), torch.device("cpu"))
+    from diffusers import WanTransformer3DModel
+
+    written = WanTransformer3DModel.from_pretrained(repo / "transformer").state_dict()
+    assert all(torch.equal(run.dit.state_dict()[k], v.float()) for k, v in written.items())
+    assert run.p.phase == "vae" and run.p.vae_step == 0 and run.p.history[-1] == ["init_from", str(repo)]
+
+
+def video_args(out: Path, **kw):
+    import argparse
+
+    return argparse.Namespace(**({"out": out, "resume": False, "export_only": False, "preset": "tiny", "seed": 0,
+                                  "init_from": None} | kw))
+
 
 def test_default_model_fits_the_repo_budget() -> None:
     """The default-preset model in fp16, plus the tokenizer (~0.03 MB), stays under budget, and its

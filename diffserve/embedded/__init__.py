@@ -1,6 +1,6 @@
 """Models diffserve trained itself and ships (tools/train_embedded), used when no --model-path is given.
 
-They are small diffusers-format repos of the real architectures (FLUX for images), trained on procedurally
+They are small diffusers-format repos of the real architectures (FLUX for images, Wan2.1 for videos), trained on procedurally
 generated scenes of coloured shapes (`diffserve.testing.shapes`), so the main command works on any machine
 with no download.
 """
@@ -23,10 +23,16 @@ def embedded_model(kind: Literal["image", "video"]) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
+ALIASES = {"embedded:image": "image", "embedded:video": "video"}  # names a --model-path may use for them
+
+
 def resolve_model_arg(model_path: str | None, kind: Literal["image", "video"], announce: bool = True) -> str:
-    """`model_path` as given, or the embedded model of `kind` (announced on stderr in one line)."""
-    if model_path is not None:
+    """`model_path` as given; the embedded model of `kind` when it is None (announced on stderr in one
+    line); the named embedded model for ``embedded:image`` / ``embedded:video``."""
+    if model_path is not None and model_path not in ALIASES:
         return model_path
+    if model_path is not None:
+        kind, announce = ALIASES[model_path], False  # type: ignore[assignment]
     path = embedded_model(kind)
     if path is None:
         raise UserError(f"no --model-path given, and this diffserve ships no embedded {kind} model; pass "

@@ -480,11 +480,16 @@ def engine_outputs(engine, prompts: list[str], params: dict, batch: int = 16) ->
 
 @torch.no_grad()
 def vae_roundtrip(vae: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) images through an ``AutoencoderKL`` (posterior mode) and back to uint8."""
+    """uint8 (B, H, W, 3) images (``AutoencoderKL``) or (B, F, H, W, 3) clips (``AutoencoderKLWan``)
+    through the VAE (posterior mode) and back to uint8 in the same layout."""
     param = next(vae.parameters())
     x = to_unit(torch.from_numpy(np.ascontiguousarray(images)).to(param.device)).to(param.dtype)
+    video = x.dim() == 5
+    if video:
+        x = x.transpose(1, 2)  # (B, 3, F, H, W)
     rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
-    return ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    rec = rec.transpose(1, 2) if video else rec
+    return ((rec + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
 def write_checked(out: Path, name: str, prompts: list[str], ok: list[bool], tiles: list[np.ndarray]) -> None:
@@ -494,7 +499,7 @@ def write_checked(out: Path, name: str, prompts: list[str], ok: list[bool], tile
 
 
 def evaluate_repo(repo: Path, device: torch.device, seed: int, n: int, out: Path, size: int,
-                  video: bool = False) -> dict[str, float]:
+                  video: bool = False, frames: int = 9) -> dict[str, float]:
     """Generate `n` outputs per split (held-out and training scene distributions) from the written repo
     through diffserve's Engine with the repo's own defaults, and score them with the shapes checker; for
     image models also score the shipped VAE's reconstructions of held-out scenes (the generator's ceiling).
@@ -514,12 +519,14 @@ def evaluate_repo(repo: Path, device: torch.device, seed: int, n: int, out: Path
         results[split] = sum(ok) / n
         write_checked(out, f"samples_{split}", prompts, ok, [o[len(o) // 2] if video else o for o in outs])
         log(f"eval {split}: {sum(ok)}/{n} pass the checker ({time.monotonic() - t0:.1f}s)")
-    if not video:
-        images, _, scenes = shapes.make_image_batch(np.random.default_rng([seed, 778]), n, size=size,
-                                                    split="heldout")
-        rec = vae_roundtrip(engine.pipeline.components.vae, images)
-        results["vae_reconstruction"] = sum(bool(shapes.check_image(r, sc).ok) for r, sc in zip(rec, scenes)) / n
-        log(f"eval vae reconstruction (held-out scenes): {results['vae_reconstruction']:.1%} pass")
+    rng = np.random.default_rng([seed, 778])
+    if video:
+        clips, _, scenes = shapes.make_video_batch(rng, n, num_frames=frames, size=size, split="heldout")
+    else:
+        clips, _, scenes = shapes.make_image_batch(rng, n, size=size, split="heldout")
+    rec = vae_roundtrip(engine.pipeline.components.vae, clips)
+    results["vae_reconstruction"] = sum(bool(check(r, sc).ok) for r, sc in zip(rec, scenes)) / n
+    log(f"eval vae reconstruction (held-out scenes): {results['vae_reconstruction']:.1%} pass")
     return results
 
 
