@@ -1,13 +1,21 @@
 """End-to-end GPU benchmark: diffserve vs diffusers on the same full-size random-weight checkpoint.
 
 Usage (on a GPU machine):
-    python benchmarks/bench_e2e.py WORKLOAD --repo DIR [--steps N] [--out FILE.json]
+    python benchmarks/bench_e2e.py WORKLOAD --repo DIR [--steps N] [--out FILE.json] [--benchmarks BENCHMARKS.md]
 
 WORKLOAD is one of WORKLOADS below. The repo is built with random weights from the real configs
 (diffserve.testing.fixtures.build_repo, scale="full") when DIR does not exist yet. Each engine loads
 the repo from disk, runs one short warm-up, then one timed generation; per-step time is measured
 around the denoising loop only (from the first transformer call to the last step's end), and fixed
 costs (text encoding, VAE decode, the rest) are the difference to the end-to-end wall time.
+
+Roofline (benchmarks/roofline.py): the FLOPs of one denoising step are counted on the plain diffserve
+engine (matmuls with torch's flop counter, attention at the attention seam), the card's matmul and
+attention ceilings are measured in the same process (attention at the workload's own shape, best of the
+cuDNN / flash / default SDPA kernels), and each engine's achieved TFLOP/s and the floor (matmul FLOPs /
+matmul ceiling + attention FLOPs / attention ceiling) are reported. `--benchmarks FILE` appends one row
+per engine to FILE's harness table. The `tiny-*` workloads run the same code on tiny random models (CPU
+tests of the harness; their times mean nothing).
 """
 
 from __future__ import annotations
@@ -16,12 +24,19 @@ import argparse
 import functools
 import gc
 import json
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    from benchmarks import roofline
+except ImportError:  # run as a script: python benchmarks/bench_e2e.py
+    import roofline  # type: ignore[no-redef]
 
 PROMPT = "a red fox jumping over a frozen river at sunrise, detailed, photorealistic"
 
@@ -34,12 +49,15 @@ class Workload:
     steps: int
     guidance: float
     num_frames: int | None = None
+    scale: str = "full"  # fixture scale of the random-weight repo
 
 
 WORKLOADS = {
     "flux-dev-1024": Workload("flux-dev", 1024, 1024, 28, 3.5),
     "wan-1.3b-480p": Workload("wan-t2v", 480, 832, 50, 5.0, num_frames=81),
     "wan-14b-720p": Workload("wan-t2v-14b", 720, 1280, 50, 5.0, num_frames=81),
+    "tiny-flux": Workload("flux-dev", 64, 64, 3, 3.5, scale="tiny"),
+    "tiny-wan": Workload("wan-t2v", 32, 32, 3, 5.0, num_frames=5, scale="tiny"),
 }
 
 
@@ -56,7 +74,8 @@ class Run:
 
 
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def profile_one_step(fn, path: Path | None, title: str = "") -> None:
@@ -73,14 +92,15 @@ def profile_one_step(fn, path: Path | None, title: str = "") -> None:
         f.write(f"\n===== {title} =====\n{table}\n")
 
 
-def run_diffserve(repo: Path, w: Workload, steps: int, name: str,
-                  profile_path: Path | None = None) -> tuple[Run, np.ndarray]:
+def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: Path | None = None,
+                  device: str = "cuda", dtype: str = "bf16",
+                  count_flops: bool = False) -> tuple[Run, np.ndarray, roofline.StepFlops | None]:
     """`name` is "diffserve" plus options: "+compile", "+fuse" (fused projections), "+vaebf16",
-    "[BACKEND]" (attention backend)."""
+    "[BACKEND]" (attention backend). With `count_flops`, also the FLOPs of one denoising step."""
     from diffserve import Engine
 
     backend = name.split("[")[1].rstrip("]") if "[" in name else None
-    engine = Engine.from_pretrained(str(repo), dtype="bf16", device="cuda", compile="+compile" in name,
+    engine = Engine.from_pretrained(str(repo), dtype=dtype, device=device, compile="+compile" in name,
                                     attention_backend=backend, fuse_projections="+fuse" in name,
                                     vae_dtype="bf16" if "+vaebf16" in name else None)
     params = dict(height=w.height, width=w.width, guidance_scale=w.guidance, seed=0)
@@ -91,7 +111,9 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str,
     _sync()
     warm = time.perf_counter() - t0
     res = engine.generate(PROMPT, num_inference_steps=steps, **params)
-    profile_one_step(functools.partial(engine.generate, PROMPT, num_inference_steps=1, **params), profile_path, name)
+    one_step = functools.partial(engine.generate, PROMPT, num_inference_steps=1, **params)
+    profile_one_step(one_step, profile_path, name)
+    flops = roofline.count_step_flops(engine, one_step) if count_flops else None
     t = res.timings
     out = np.asarray(res.images[0]) if res.images else res.videos[0]
     stages = {k: round(v, 4) for k, v in t.items()}
@@ -102,18 +124,22 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str,
     del engine
     gc.collect()
     torch.cuda.empty_cache()
-    return run, out
+    return run, out, flops
 
 
 def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool = False,
-                  profile_path: Path | None = None) -> tuple[Run, np.ndarray]:
+                  profile_path: Path | None = None, device: str = "cuda",
+                  dtype: str = "bf16") -> tuple[Run, np.ndarray]:
     import diffusers
 
+    from diffserve.config import parse_dtype
+
+    dt = parse_dtype(dtype)
     if w.num_frames:
         vae = diffusers.AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=torch.float32)
-        pipe = diffusers.DiffusionPipeline.from_pretrained(repo, vae=vae, torch_dtype=torch.bfloat16).to("cuda")
+        pipe = diffusers.DiffusionPipeline.from_pretrained(repo, vae=vae, torch_dtype=dt).to(device)
     else:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(repo, torch_dtype=torch.bfloat16).to("cuda")
+        pipe = diffusers.DiffusionPipeline.from_pretrained(repo, torch_dtype=dt).to(device)
     pipe.set_progress_bar_config(disable=True)
     if compile_transformer:
         pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
@@ -138,7 +164,9 @@ def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool
     pipe(PROMPT, num_inference_steps=2, **kw)  # warm-up (and compile)
     warm = time.perf_counter() - t_warm
     handle = pipe.transformer.register_forward_pre_hook(pre_hook)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     kw["generator"] = torch.Generator("cpu").manual_seed(0)
     _sync()
     t0 = time.perf_counter()
@@ -153,14 +181,18 @@ def run_diffusers(repo: Path, w: Workload, steps: int, compile_transformer: bool
     arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
     name = "diffusers+compile" if compile_transformer else "diffusers"
     run = Run(name, steps, total, denoise, denoise / steps, total - denoise, {"warmup_s": round(warm, 2)},
-              torch.cuda.max_memory_allocated() / 2**30)
+              torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
     del pipe
     gc.collect()
     torch.cuda.empty_cache()
     return run, arr
 
 
-def main() -> None:
+def _tflops(flop_per_s: float) -> float:
+    return float(f"{flop_per_s / 1e12:.4g}")
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("workload", choices=sorted(WORKLOADS))
     ap.add_argument("--repo", type=Path, required=True)
@@ -170,33 +202,43 @@ def main() -> None:
                     help="comma list of: diffserve, diffserve+compile, diffserve[BACKEND], diffusers, "
                          "diffusers+compile")
     ap.add_argument("--profile", type=Path, default=None, help="append one-step kernel tables to this file")
-    args = ap.parse_args()
+    ap.add_argument("--benchmarks", type=Path, default=None,
+                    help="append one row per engine to this file's harness table (BENCHMARKS.md)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--no-roofline", action="store_true", help="skip the FLOP count and the ceilings")
+    args = ap.parse_args(argv)
+    command = "python benchmarks/bench_e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     w = WORKLOADS[args.workload]
     steps = args.steps or w.steps
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if not args.repo.exists():
         from diffserve.testing.fixtures import build_repo
 
         t0 = time.perf_counter()
-        build_repo(w.fixture, args.repo, scale="full", device="cuda", dtype=torch.bfloat16)
-        print(f"built {w.fixture} full-size repo in {time.perf_counter() - t0:.1f}s", flush=True)
+        build_repo(w.fixture, args.repo, scale=w.scale, device=args.device, dtype=dt)
+        print(f"built {w.fixture} {w.scale}-size repo in {time.perf_counter() - t0:.1f}s", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
-    runs, outs = [], {}
+    runs, outs, flops = [], {}, None
     for name in args.engines.split(","):
-        prof = args.profile
+        prof, dev = args.profile, dict(device=args.device, dtype=args.dtype)
         if name.startswith("diffserve"):
-            r, o = run_diffserve(args.repo, w, steps, name, profile_path=prof)
+            count = not args.no_roofline and flops is None and "+compile" not in name
+            r, o, f = run_diffserve(args.repo, w, steps, name, profile_path=prof, count_flops=count, **dev)
+            flops = f or flops
         elif name in ("diffusers", "diffusers+compile"):
             r, o = run_diffusers(args.repo, w, steps, compile_transformer=name.endswith("+compile"),
-                                 profile_path=prof)
+                                 profile_path=prof, **dev)
         else:
             raise SystemExit(f"unknown engine {name}")
         runs.append(r)
         outs[r.engine] = o
         print(json.dumps(asdict(r)), flush=True)
     base = next((r for r in runs if r.engine == "diffusers"), None)
-    report = {"workload": args.workload, "card": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "steps_timed": steps, "full_steps": w.steps, "runs": [asdict(r) for r in runs]}
+    card = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else f"CPU ({args.device})"
+    report = {"workload": args.workload, "card": card, "torch": torch.__version__, "dtype": args.dtype,
+              "steps_timed": steps, "full_steps": w.steps, "command": command, "runs": [asdict(r) for r in runs]}
     for r in runs:
         # end-to-end at the workload's full step count, extrapolated from the per-step and fixed costs
         r_e2e = r.fixed_s + r.per_step_s * w.steps
@@ -206,6 +248,14 @@ def main() -> None:
                 "per_step": round(base.per_step_s / r.per_step_s, 3),
                 "e2e": round((base.fixed_s + base.per_step_s * w.steps) / r_e2e, 3),
             }
+    if flops is not None:
+        ceil = roofline.measure_ceilings(torch.device(args.device), dt, flops)
+        report["step_flops"] = {"matmul": flops.matmul, "attention": flops.attention,
+                                "attention_shapes_BLqLkHD": {str(k): n for k, n in flops.attention_shapes.items()}}
+        report["ceilings_tflops"] = {"matmul": _tflops(ceil.matmul),
+                                     "attention": {k: _tflops(v) for k, v in ceil.attention_by_backend.items()},
+                                     "attention_shape_BLqLkHD": list(ceil.attention_shape)}
+        report["roofline"] = {r.engine: roofline.roofline_fields(r.per_step_s, flops, ceil) for r in runs}
     if "diffserve" in outs:  # lossless check: every variant against the plain diffserve path
         plain = outs["diffserve"].astype(float)
         report["output_mean_abs_diff_255_vs_diffserve"] = {
@@ -217,6 +267,9 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
+    if args.benchmarks:
+        roofline.append_rows(args.benchmarks, roofline.benchmark_rows(report, command))
+    return report
 
 
 if __name__ == "__main__":

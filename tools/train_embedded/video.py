@@ -82,7 +82,7 @@ PRESETS: dict[str, VideoConfig] = {
     "default": VideoConfig(),
     "tiny": VideoConfig(vae_base=4, z_dim=4, t5_dim=32, t5_heads=2, heads=2, head_dim=12, ffn_dim=32, layers=1,
                         vae_batch=2, dit_batch=8, warmup_steps=5, chunk=8, video_pool=64, latent_pool=128,
-                        min_fill=16, steps_default=4, stats_videos=16),
+                        min_fill=16, steps_default=4, stats_videos=16, vae_fraction=0.3),
 }
 _TUPLES = {"vae_mult", "temporal_down"}
 

@@ -1,0 +1,96 @@
+"""The GPU benchmark harness (benchmarks/bench_e2e.py, benchmarks/roofline.py) on tiny models on the CPU:
+FLOP counting against torch's flop counter and diffusers' transformer, the report's roofline fields, the
+lossless check and the rows appended to BENCHMARKS.md. Times measured here mean nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import bench_e2e, roofline
+
+PROMPT = "a red circle"
+
+
+def test_attention_flops_match_the_two_matmuls() -> None:
+    q, k = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 56, 8)  # (B, H, L, D)
+    with FlopCounterMode(display=False) as counter:
+        (q @ k.transpose(-1, -2)).softmax(-1) @ torch.randn(2, 3, 56, 8)
+    assert roofline.attention_flops((2, 40, 3, 8), (2, 56, 3, 8)) == counter.get_total_flops()
+
+
+def _diffusers_transformer_flops(repo: Path, **kw) -> float:
+    """Matmul FLOPs of diffusers' transformer in a one-step generation (CPU SDPA is not counted by torch's
+    counter, so this is the matmul part alone)."""
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(repo, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    total, forward = [0.0], pipe.transformer.forward
+
+    def counted(*args, **kwargs):
+        with FlopCounterMode(display=False) as c:
+            out = forward(*args, **kwargs)
+        total[0] += c.get_total_flops()
+        return out
+
+    pipe.transformer.forward = counted
+    pipe(PROMPT, num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0), **kw)
+    return total[0]
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_step_flops_equal_diffusers_transformer(name: str, flux_dev_repo: Path, wan_t2v_repo: Path) -> None:
+    from diffserve import Engine
+
+    repo, kw = ((flux_dev_repo, dict(height=64, width=64, guidance_scale=3.5)) if name == "flux" else
+                (wan_t2v_repo, dict(height=32, width=32, num_frames=5, guidance_scale=5.0)))
+    engine = Engine.from_pretrained(str(repo), dtype="fp32", device="cpu")
+    flops = roofline.count_step_flops(engine, lambda: engine.generate(PROMPT, num_inference_steps=1, seed=0, **kw))
+    assert flops.matmul == _diffusers_transformer_flops(repo, **kw) > 0
+    t = engine.pipeline.components.transformer
+    calls = sum(flops.attention_shapes.values())
+    if name == "flux":  # one joint attention per block, one transformer call (no CFG)
+        assert calls == len(t.transformer_blocks) + len(t.single_transformer_blocks)
+    else:  # self- and cross-attention per block, for the conditional and the unconditional pass
+        assert calls == 2 * 2 * len(t.blocks) or (calls == 2 * len(t.blocks) and flops.main_attention_shape()[0] == 2)
+    b, lq, lk, h, d = flops.main_attention_shape()
+    assert flops.attention >= roofline.attention_flops((b, lq, h, d), (b, lk, h, d)) > 0
+    # the plain methods are back after counting
+    assert "forward" not in vars(t) and "local" not in vars(engine.attention)
+
+
+def test_append_rows_goes_to_the_end_of_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nintro\n")
+    roofline.append_rows(path, ["| a |\n"])
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n\n" + roofline.BENCH_HEADING) and text.endswith("| a |\n")
+    path.write_text(path.read_text() + "\n## Later section\n\ntext\n")
+    roofline.append_rows(path, ["| b |\n"])
+    text = path.read_text()
+    assert "| a |\n| b |\n\n## Later section" in text and text.count(roofline.BENCH_HEADING) == 1
+
+
+def test_harness_reports_roofline_and_appends_rows(flux_dev_repo: Path, tmp_path: Path) -> None:
+    bench, out = tmp_path / "BENCHMARKS.md", tmp_path / "report.json"
+    report = bench_e2e.main(["tiny-flux", "--repo", str(flux_dev_repo), "--device", "cpu", "--dtype", "fp32",
+                             "--steps", "2", "--out", str(out), "--benchmarks", str(bench)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [r["engine"] for r in report["runs"]] == ["diffserve", "diffusers"]
+    assert report["output_mean_abs_diff_255_vs_diffusers"] == {"diffserve": 0.0}  # same weights, same seed
+    flops = report["step_flops"]
+    assert flops["matmul"] > 0 and flops["attention"] > 0
+    assert report["ceilings_tflops"]["matmul"] > 0 and report["ceilings_tflops"]["attention"]["sdpa"] > 0
+    for name, roof in report["roofline"].items():
+        run = next(r for r in report["runs"] if r["engine"] == name)
+        assert roof["tflops"] == pytest.approx((flops["matmul"] + flops["attention"]) / run["per_step_s"] / 1e12,
+                                               rel=1e-3)
+        assert roof["floor_fraction"] == pytest.approx(roof["floor_s"] / run["per_step_s"], rel=1e-2)
+    rows = [line for line in bench.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 2 and all("tiny-flux" in r and "bench_e2e.py tiny-flux" in r for r in rows)
+    assert report["speedup_vs_diffusers"]["diffusers"] == {"per_step": 1.0, "e2e": 1.0}
