@@ -94,3 +94,22 @@ def test_harness_reports_roofline_and_appends_rows(flux_dev_repo: Path, tmp_path
     rows = [line for line in bench.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 2 and all("tiny-flux" in r and "bench_e2e.py tiny-flux" in r for r in rows)
     assert report["speedup_vs_diffusers"]["diffusers"] == {"per_step": 1.0, "e2e": 1.0}
+
+
+def test_full_size_flux_step_flops_match_the_architecture() -> None:
+    """benchmarks/step_flops.py on the meta device: FLUX.1-dev 1024^2, counted layer by layer by hand."""
+    from benchmarks import step_flops
+
+    flops = step_flops.count_workload(bench_e2e.WORKLOADS["flux-dev-1024"])
+    d, ff, img, txt = 3072, 4 * 3072, 4096, 512
+
+    def mm(tokens: int, k: int, n: int) -> int:
+        return 2 * tokens * k * n
+
+    stream = lambda t: 4 * mm(t, d, d) + mm(t, d, ff) + mm(t, ff, d)  # q, k, v, out; MLP
+    double = stream(img) + stream(txt) + 2 * mm(1, d, 6 * d)
+    single = 3 * mm(img + txt, d, d) + mm(img + txt, d, ff) + mm(img + txt, d + ff, d) + mm(1, d, 3 * d)
+    embeds = mm(img, 64, d) + mm(txt, 4096, d) + mm(1, 256, d) + mm(1, d, d) * 3 + mm(1, 256, d) + mm(1, 768, d)
+    head = mm(1, d, 2 * d) + mm(img, d, 64)
+    assert flops.matmul == 19 * double + 38 * single + embeds + head
+    assert flops.attention == 57 * roofline.attention_flops((1, img + txt, 24, 128), (1, img + txt, 24, 128))

@@ -1,0 +1,97 @@
+"""FLOPs of one denoising step of the full-size workloads, counted without a GPU or weights, and the floor
+they imply for given matmul and attention ceilings.
+
+    python benchmarks/step_flops.py [WORKLOAD ...] [--matmul-tflops 750] [--attention-tflops 597]
+
+diffserve's transformer is built from the real config (diffserve/testing/model_configs) on the meta
+device and called once per transformer call of a step (twice for CFG) on meta inputs of the workload's
+shapes: matmuls are counted by torch's flop counter, attention at the attention seam
+(benchmarks/roofline.py). The same counting runs on the GPU inside bench_e2e.py, next to measured
+ceilings; this script gives the numbers anywhere, e.g. to set a target before a GPU session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+
+import torch
+
+try:
+    from benchmarks import roofline
+    from benchmarks.bench_e2e import WORKLOADS, Workload
+except ImportError:  # run as a script
+    import roofline  # type: ignore[no-redef]
+    from bench_e2e import WORKLOADS, Workload  # type: ignore[no-redef]
+
+REPOS = {"flux-dev": "FLUX.1-dev", "wan-t2v": "Wan2.1-T2V-1.3B-Diffusers", "wan-t2v-14b": "Wan2.1-T2V-14B-Diffusers"}
+VAE_FACTOR = {"flux-dev": 8, "wan-t2v": 8, "wan-t2v-14b": 8}
+TEXT_TOKENS = 512  # FLUX.1-dev's and Wan2.1's max_sequence_length
+
+
+def _config_path(fixture: str):
+    return resources.files("diffserve.testing") / "model_configs" / REPOS[fixture] / "transformer" / "config.json"
+
+
+def count_workload(w: Workload) -> roofline.StepFlops:
+    """FLOPs of one denoising step of `w` at full size (FLUX: one call; Wan: two, for CFG)."""
+    from diffserve.layers.attention import AttentionOp
+
+    meta = torch.device("meta")
+    attention = AttentionOp("sdpa")
+    f = VAE_FACTOR[w.fixture]
+    with meta:
+        if w.fixture == "flux-dev":
+            from diffserve.models.dits.flux import FluxConfig, FluxTransformer
+
+            cfg = FluxConfig.from_json(str(_config_path(w.fixture)))
+            model = FluxTransformer(cfg, attention)
+            h, wd = w.height // f // 2, w.width // f // 2
+            args = [(torch.empty(1, h * wd, cfg.in_channels), torch.empty(1, TEXT_TOKENS, cfg.joint_attention_dim),
+                     torch.empty(1, cfg.pooled_projection_dim), torch.empty(1), torch.empty(h * wd, 3),
+                     torch.empty(TEXT_TOKENS, 3), torch.empty(1) if cfg.guidance_embeds else None)]
+        else:
+            from diffserve.models.dits.wan import WanConfig, WanTransformer
+
+            cfg = WanConfig.from_json(str(_config_path(w.fixture)))
+            model = WanTransformer(cfg, attention)
+            frames = (w.num_frames - 1) // 4 + 1
+            x = torch.empty(1, cfg.in_channels, frames, w.height // f, w.width // f)
+            args = [(x, torch.empty(1), torch.empty(1, TEXT_TOKENS, cfg.text_dim))] * 2  # cond + uncond
+    engine = argparse.Namespace(pipeline=argparse.Namespace(components=argparse.Namespace(transformer=model)),
+                                attention=attention)
+
+    def step() -> None:
+        with torch.no_grad():
+            for a in args:
+                model(*a)
+
+    return roofline.count_step_flops(engine, step)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    full = [k for k, v in WORKLOADS.items() if v.scale == "full"]
+    ap.add_argument("workloads", nargs="*", default=full, help=f"any of {', '.join(full)} (default: all)")
+    ap.add_argument("--matmul-tflops", type=float, default=750.0,
+                    help="matmul ceiling (H100, torch 2.11: 690-800 measured for an 8192^3 bf16 matmul)")
+    ap.add_argument("--attention-tflops", type=float, default=597.0,
+                    help="attention ceiling (H100: cuDNN SDPA ~585-607 at these workloads' shapes)")
+    args = ap.parse_args(argv)
+    if unknown := [n for n in args.workloads if n not in full]:
+        ap.error(f"unknown workload(s) {', '.join(unknown)}; accepted: {', '.join(full)}")
+    out = {}
+    for name in args.workloads:
+        flops = count_workload(WORKLOADS[name])
+        floor = flops.matmul / (args.matmul_tflops * 1e12) + flops.attention / (args.attention_tflops * 1e12)
+        out[name] = {"matmul_tflop": round(flops.matmul / 1e12, 2), "attention_tflop": round(flops.attention / 1e12, 2),
+                     "attention_share": round(flops.attention / flops.total, 3),
+                     "main_attention_shape_BLqLkHD": list(flops.main_attention_shape()),
+                     "floor_s_per_step": round(floor, 4)}
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
