@@ -95,6 +95,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                     attention_backend=args.attention_backend, compile=args.compile,
                                     fuse_projections=args.fuse_projections, vae_dtype=args.vae_dtype,
                                     parallel=parallel_config_from_args(args))
+    if args.compile:
+        from diffserve.engine.optimize import compile_cache_dir
+
+        print(f"diffserve: --compile: the first generation includes the transformer blocks' compile time; "
+              f"kernels are cached in {compile_cache_dir()} for later runs", file=sys.stderr)
     kind = engine.defaults.kind
     fmt = resolve_format(args.output_format, args.output_path, kind)
     image = load_image(args.image_path) if args.image_path else None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,10 +18,26 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for name in names for block in getattr(model, name)]
 
 
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels across runs: $TORCHINDUCTOR_CACHE_DIR when set, else
+    diffserve's own cache folder ($XDG_CACHE_HOME or ~/.cache, then diffserve/inductor) instead of inductor's
+    default under /tmp, which does not survive a reboot. Sets the variable for this process (inductor itself
+    writes its default there once imported, so that value counts as unset)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "diffserve" / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
     """Regional torch.compile: compile each repeated block in place (one graph is shared by all blocks of a
-    class, so compile time does not grow with depth). Returns the number of blocks compiled. Compiled
-    kernels are cached on disk by inductor's FX graph cache, so later runs start faster."""
+    class, so compile time does not grow with depth). Returns the number of blocks compiled. Compilation
+    happens on the first call; its kernels are cached on disk (:func:`compile_cache_dir`, inductor's FX
+    graph cache), so later runs and processes start faster."""
+    compile_cache_dir()
     blocks = repeated_blocks(model)
     for block in blocks:
         block.compile(fullgraph=False, dynamic=False, mode=mode)
