@@ -3,13 +3,12 @@ checked automatically on held-out prompts (colour/shape/position combinations ne
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
-from diffserve import Engine, GenerationRequest
+from diffserve import Engine
 from diffserve.embedded import embedded_model
+from diffserve.testing.batched import generate_outputs
 from diffserve.testing.shapes import caption, check_image, heldout_triples, sample_scene
 
 pytestmark = pytest.mark.skipif(embedded_model("image") is None, reason="no embedded image model shipped")
@@ -30,13 +29,8 @@ def test_heldout_prompts_pass_the_checker(engine: Engine) -> None:
     rng = np.random.default_rng(2026)
     scenes = [sample_scene(rng, "heldout") for _ in range(40)]
     assert all((s.color, s.shape, s.position) in heldout_triples() for s in scenes)
-    requests = [GenerationRequest(prompt=caption(s), seed=100 + i) for i, s in enumerate(scenes)]
-    start = time.perf_counter()
-    results = []
-    for i in range(0, len(requests), 8):
-        results += engine.generate_batch(requests[i:i + 8])
-    per_image = (time.perf_counter() - start) / len(requests)
-    checks = [check_image(np.asarray(r.images[0]), s) for r, s in zip(results, scenes)]
+    images, per_image = generate_outputs(engine, [caption(s) for s in scenes], batch=8, seed0=100)
+    checks = [check_image(im, s) for im, s in zip(images, scenes)]
     rate = sum(c.ok for c in checks) / len(checks)
     print(f"embedded image model: {rate:.0%} of {len(checks)} held-out prompts pass; {per_image:.3f} s/image (CPU)")
     failed = [f"{caption(s)}: {c.detail}" for c, s in zip(checks, scenes) if not c.ok]

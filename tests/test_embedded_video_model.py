@@ -4,15 +4,15 @@ in training); and the CLI picks it when a video is asked for without --model-pat
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from diffserve import Engine, GenerationRequest
+from diffserve import Engine
 from diffserve.cli import main
 from diffserve.embedded import embedded_model
+from diffserve.testing.batched import generate_outputs
 from diffserve.testing.shapes import (
     DIRECTIONS,
     Scene,
@@ -42,13 +42,8 @@ def test_heldout_prompts_move_the_right_way(engine: Engine) -> None:
     rng = np.random.default_rng(2026)
     scenes = [sample_scene(rng, "heldout", video=True) for _ in range(32)]
     assert all((s.color, s.shape, s.motion) in heldout_motion_triples() for s in scenes)
-    requests = [GenerationRequest(prompt=caption(s), seed=100 + i) for i, s in enumerate(scenes)]
-    start = time.perf_counter()
-    results = []
-    for i in range(0, len(requests), 16):
-        results += engine.generate_batch(requests[i:i + 16])
-    per_video = (time.perf_counter() - start) / len(requests)
-    checks = [check_video(np.asarray(r.videos[0]), s) for r, s in zip(results, scenes)]
+    videos, per_video = generate_outputs(engine, [caption(s) for s in scenes], batch=16, seed0=100)
+    checks = [check_video(v, s) for v, s in zip(videos, scenes)]
     motion = sum(bool(c.motion_ok) for c in checks) / len(checks)
     whole = sum(c.ok for c in checks) / len(checks)
     print(f"embedded video model: motion direction {motion:.0%}, colour+shape+motion {whole:.0%} of "

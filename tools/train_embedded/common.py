@@ -465,19 +465,6 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def engine_outputs(engine, prompts: list[str], params: dict, batch: int = 16) -> list[np.ndarray]:
-    """Generate one output per prompt through diffserve's Engine (seed = prompt index), in batches:
-    (H, W, 3) uint8 images, or (F, H, W, 3) uint8 videos."""
-    from diffserve import GenerationRequest
-
-    outs: list[np.ndarray] = []
-    for j in range(0, len(prompts), batch):
-        reqs = [GenerationRequest(prompt=p, seed=j + k, **params) for k, p in enumerate(prompts[j:j + batch])]
-        for r in engine.generate_batch(reqs):
-            outs.append(np.asarray(r.videos[0]) if r.videos else np.asarray(r.images[0].convert("RGB")))
-    return outs
-
-
 @torch.no_grad()
 def vae_roundtrip(vae: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     """uint8 (B, H, W, 3) images (``AutoencoderKL``) or (B, F, H, W, 3) clips (``AutoencoderKLWan``)
@@ -505,6 +492,7 @@ def evaluate_repo(repo: Path, device: torch.device, seed: int, n: int, out: Path
     image models also score the shipped VAE's reconstructions of held-out scenes (the generator's ceiling).
     Writes ``OUT/samples_{split}.png/.txt`` (videos: their middle frames)."""
     from diffserve import Engine
+    from diffserve.testing.batched import generate_outputs
 
     shapes = shapes_module()
     engine = Engine.from_pretrained(str(repo), dtype="bf16" if device.type == "cuda" else "fp32", device=str(device))
@@ -514,7 +502,7 @@ def evaluate_repo(repo: Path, device: torch.device, seed: int, n: int, out: Path
         t0, rng = time.monotonic(), np.random.default_rng([seed, 777, i])
         scenes = [shapes.sample_scene(rng, split, video=video) for _ in range(n)]
         prompts = [shapes.caption(sc) for sc in scenes]
-        outs = engine_outputs(engine, prompts, {})
+        outs, _ = generate_outputs(engine, prompts)
         ok = [bool(check(o, sc).ok) for o, sc in zip(outs, scenes)]
         results[split] = sum(ok) / n
         write_checked(out, f"samples_{split}", prompts, ok, [o[len(o) // 2] if video else o for o in outs])
