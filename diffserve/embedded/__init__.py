@@ -1,8 +1,8 @@
 """Models diffserve trained itself and ships (tools/train_embedded), used when no --model-path is given.
 
-They are small diffusers-format repos of the real architectures (FLUX for images, Wan2.1 for videos), trained on procedurally
-generated scenes of coloured shapes (`diffserve.testing.shapes`), so the main command works on any machine
-with no download.
+They are small diffusers-format repos of the real architectures (FLUX for images, Wan2.1 for videos),
+trained on procedurally generated scenes of coloured shapes (`diffserve.testing.shapes`), so the main
+command works on any machine with no download.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def embedded_model(kind: Literal["image", "video"]) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
-ALIASES = {"embedded:image": "image", "embedded:video": "video"}  # names a --model-path may use for them
+ALIASES: dict[str, Literal["image", "video"]] = {"embedded:image": "image", "embedded:video": "video"}
 
 
 def resolve_model_arg(model_path: str | None, kind: Literal["image", "video"], announce: bool = True) -> str:
@@ -31,13 +31,14 @@ def resolve_model_arg(model_path: str | None, kind: Literal["image", "video"], a
     line); the named embedded model for ``embedded:image`` / ``embedded:video``."""
     if model_path is not None and model_path not in ALIASES:
         return model_path
-    if model_path is not None:
-        kind, announce = ALIASES[model_path], False  # type: ignore[assignment]
+    named = model_path is not None
+    kind = ALIASES[model_path] if model_path is not None else kind
     path = embedded_model(kind)
     if path is None:
-        raise UserError(f"no --model-path given, and this diffserve ships no embedded {kind} model; pass "
-                        f"--model-path with a diffusers-format folder or a Hugging Face repo id (org/name)")
-    if announce:
+        asked = f"--model-path {model_path}" if named else "no --model-path given"
+        raise UserError(f"{asked}, and this diffserve ships no embedded {kind} model; pass --model-path with a "
+                        f"diffusers-format folder or a Hugging Face repo id (org/name)")
+    if announce and not named:
         print(f"diffserve: no --model-path given: using the embedded {kind} model (coloured shapes, {path.name}); "
               f"pass --model-path FOLDER_OR_ORG/NAME for a real checkpoint", file=sys.stderr)
     return str(path)
