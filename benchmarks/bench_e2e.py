@@ -113,7 +113,9 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: 
     res = engine.generate(PROMPT, num_inference_steps=steps, **params)
     one_step = functools.partial(engine.generate, PROMPT, num_inference_steps=1, **params)
     profile_one_step(one_step, profile_path, name)
-    flops = roofline.count_step_flops(engine, one_step) if count_flops else None
+    flops = None
+    if count_flops:
+        flops = roofline.count_step_flops(engine.pipeline.components.transformer, engine.attention, one_step)
     t = res.timings
     out = np.asarray(res.images[0]) if res.images else res.videos[0]
     stages = {k: round(v, 4) for k, v in t.items()}

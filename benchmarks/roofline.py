@@ -48,13 +48,13 @@ class StepFlops:
         return max(self.attention_shapes, key=lambda s: self.attention_shapes[s] * s[0] * s[1] * s[2] * s[3] * s[4])
 
 
-def count_step_flops(engine, generate: Callable[[], object]) -> StepFlops:
-    """FLOPs of the transformer calls made by `generate()` (a one-step generation on `engine`)."""
+def count_step_flops(transformer: torch.nn.Module, attention, generate: Callable[[], object]) -> StepFlops:
+    """FLOPs of the calls of `transformer` (whose attention seam is `attention`, an ``AttentionOp``) made by
+    `generate()`: one denoising step's worth, e.g. a one-step generation."""
     from torch.utils.flop_counter import FlopCounterMode
 
     tally = StepFlops()
-    transformer = engine.pipeline.components.transformer
-    orig_forward, orig_local = transformer.forward, engine.attention.local
+    orig_forward, orig_local = transformer.forward, attention.local
     active: list = []  # the counter of the transformer call in progress
     inside_attention = [0.0]  # what that counter saw inside the seam (a kernel it knows, or a decomposition)
 
@@ -79,11 +79,11 @@ def count_step_flops(engine, generate: Callable[[], object]) -> StepFlops:
             inside_attention[0] += active[-1].get_total_flops() - before
         return out
 
-    transformer.forward, engine.attention.local = forward, local
+    transformer.forward, attention.local = forward, local
     try:
         generate()
     finally:
-        del transformer.forward, engine.attention.local  # back to the class attributes
+        del transformer.forward, attention.local  # back to the class attributes
     return tally
 
 

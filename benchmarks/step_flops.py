@@ -59,15 +59,13 @@ def count_workload(w: Workload) -> roofline.StepFlops:
             frames = (w.num_frames - 1) // 4 + 1
             x = torch.empty(1, cfg.in_channels, frames, w.height // f, w.width // f)
             args = [(x, torch.empty(1), torch.empty(1, TEXT_TOKENS, cfg.text_dim))] * 2  # cond + uncond
-    engine = argparse.Namespace(pipeline=argparse.Namespace(components=argparse.Namespace(transformer=model)),
-                                attention=attention)
 
     def step() -> None:
         with torch.no_grad():
             for a in args:
                 model(*a)
 
-    return roofline.count_step_flops(engine, step)
+    return roofline.count_step_flops(model, attention, step)
 
 
 def main(argv: list[str] | None = None) -> dict:

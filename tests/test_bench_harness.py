@@ -50,9 +50,10 @@ def test_step_flops_equal_diffusers_transformer(name: str, flux_dev_repo: Path, 
     repo, kw = ((flux_dev_repo, dict(height=64, width=64, guidance_scale=3.5)) if name == "flux" else
                 (wan_t2v_repo, dict(height=32, width=32, num_frames=5, guidance_scale=5.0)))
     engine = Engine.from_pretrained(str(repo), dtype="fp32", device="cpu")
-    flops = roofline.count_step_flops(engine, lambda: engine.generate(PROMPT, num_inference_steps=1, seed=0, **kw))
-    assert flops.matmul == _diffusers_transformer_flops(repo, **kw) > 0
     t = engine.pipeline.components.transformer
+    flops = roofline.count_step_flops(t, engine.attention,
+                                      lambda: engine.generate(PROMPT, num_inference_steps=1, seed=0, **kw))
+    assert flops.matmul == _diffusers_transformer_flops(repo, **kw) > 0
     calls = sum(flops.attention_shapes.values())
     if name == "flux":  # one joint attention per block, one transformer call (no CFG)
         assert calls == len(t.transformer_blocks) + len(t.single_transformer_blocks)
