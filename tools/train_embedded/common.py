@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import importlib.metadata
 import json
 import os
 import queue
@@ -21,8 +21,10 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -462,6 +464,10 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--reserve-seconds", type=float, default=None,
                    help="time kept for the final save, export and evaluation (default: 10 + 0.15 * eval images)")
     p.add_argument("--export-only", action="store_true", help="write OUT/repo from OUT/state.pt and evaluate")
+    p.add_argument("--vae-seconds", type=float, default=None,
+                   help="VAE phase length of a new run (default: vae_fraction of its first training window)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer for training (its compile time counts against the budget)")
     return p
 
 
@@ -534,3 +540,95 @@ def vae_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, 
     torch.nn.utils.clip_grad_norm_(vae.parameters(), grad_clip)
     opt.step()
     return loss
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True)
+class TrainerParts:
+    """What the image and the video trainer each supply to :func:`run_main`; the run's flow (resume or start,
+    VAE phase then transformer phase, final state, export, evaluation) is the same for both."""
+
+    presets: dict[str, Any]  # name -> frozen config dataclass with a `t5_length` field (0: choose)
+    sample_captions: Callable[[Any, int], list[str]]  # (preset, seed) -> 2048 training captions
+    new_run: Callable[[Any, torch.device, int], Any]
+    load_run: Callable[[dict, torch.device], Any]
+    make_feeder: Callable[[Any, argparse.Namespace], Feeder]
+    train_vae: Callable[..., Any]  # (run, feeder, clock, train_end, args) -> the VAE's data pool
+    train_dit: Callable[..., None]  # (run, feeder, clock, train_end, args, pool)
+    save_state: Callable[[Any, Path], None]
+    export_repo: Callable[[Any, Path], Path]
+    model_sizes: Callable[[Any], dict[str, int]]
+    evaluate: Callable[[Path, torch.device, Any, int, Path], dict]  # (repo, device, run, n, out)
+    eval_seconds_each: float  # reserved per evaluated output
+    start_from: Callable[[Any, argparse.Namespace], None] | None = None  # adjusts a new run (e.g. --init-from)
+
+
+def prepare_run(parts: TrainerParts, args: argparse.Namespace, device: torch.device):
+    """Resume OUT/state.pt, or start a new run (choosing the T5 length from sampled captions)."""
+    state_path, preset = args.out / "state.pt", parts.presets[args.preset]
+    if args.resume or args.export_only:
+        if not state_path.is_file():
+            raise SystemExit(f"{state_path} does not exist; start without --resume")
+        run = parts.load_run(torch.load(state_path, map_location=device, weights_only=False), device)
+        log(f"resumed {state_path}: {run.p.phase} phase, vae step {run.p.vae_step}, dit step {run.p.dit_step}")
+        if replace(run.cfg, t5_length=preset.t5_length) != preset:
+            log(f"note: the checkpoint's config is not --preset {args.preset}'s; the checkpoint's is used")
+        return run
+    if state_path.exists():
+        raise SystemExit(f"{state_path} exists; pass --resume to continue it, or choose another --out")
+    if preset.t5_length == 0:
+        preset = replace(preset, t5_length=choose_t5_length(parts.sample_captions(preset, args.seed)))
+        log(f"T5 length {preset.t5_length} (holds the longest of 2048 sampled captions)")
+    run = parts.new_run(preset, device, args.seed)
+    if parts.start_from is not None:
+        parts.start_from(run, args)
+    return run
+
+
+def train_phases(parts: TrainerParts, run, args: argparse.Namespace, clock: Clock, train_end: float) -> None:
+    """The training phases of this process, then the final state.pt. The first run fixes the VAE's time."""
+    run.p.runs += 1
+    feeder = parts.make_feeder(run, args)
+    try:
+        pool = None
+        if run.p.phase == "vae":
+            if run.p.vae_target_seconds <= 0:
+                window = max(0.0, train_end - clock.now())
+                run.p.vae_target_seconds = (min(args.vae_seconds, window) if args.vae_seconds is not None
+                                            else run.cfg.vae_fraction * window)
+            pool = parts.train_vae(run, feeder, clock, train_end, args)
+        if run.p.phase == "dit":
+            parts.train_dit(run, feeder, clock, train_end, args, pool)
+    finally:
+        feeder.close()
+    parts.save_state(run, args.out)
+    log(f"saved {args.out / 'state.pt'} ({clock.elapsed():.0f}s elapsed)")
+
+
+def run_main(parts: TrainerParts, args: argparse.Namespace, clock: Clock, n_eval: int) -> int:
+    """A trainer's whole process after argument parsing: train within the clock, export, evaluate."""
+    device = torch.device(args.device)
+    setup_torch(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = prepare_run(parts, args, device)
+    sizes = parts.model_sizes(run.cfg)
+    log("params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
+        + f"; {2 * sum(sizes.values()) / 2**20:.1f} MiB in fp16")
+    reserve = args.reserve_seconds if args.reserve_seconds is not None else 10 + parts.eval_seconds_each * n_eval
+    if not args.export_only:
+        train_phases(parts, run, args, clock, clock.deadline - reserve)
+    if run.p.phase != "dit":
+        log("the VAE phase is not finished, so no repo was written: resume with a larger budget")
+        return 0
+    repo = parts.export_repo(run, args.out)
+    info = {"seed": run.seed, "progress": asdict(run.p), "params": sizes, "config": asdict(run.cfg),
+            "repo_bytes": dir_bytes(repo), "diffusers": importlib.metadata.version("diffusers")}
+    if n_eval > 0 and clock.left() > 0:
+        info["eval"] = parts.evaluate(repo, device, run, n_eval, args.out)
+    elif n_eval > 0:
+        log("no time left for the evaluation; skipped")
+    write_json(args.out / "training_info.json", info)
+    log(f"done in {clock.elapsed():.0f}s of {args.minutes * 60:.0f}s; repo {repo}")
+    return 0

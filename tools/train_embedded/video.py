@@ -25,7 +25,7 @@ import importlib.metadata
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -495,49 +495,34 @@ def export_repo(run: Run, out: Path) -> Path:
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def prepare_run(args: argparse.Namespace, device: torch.device) -> Run:
-    """Resume OUT/state.pt, or start a new run (choosing the T5 length from sampled captions)."""
-    state_path, preset = args.out / "state.pt", PRESETS[args.preset]
-    if args.resume or args.export_only:
-        if not state_path.is_file():
-            raise SystemExit(f"{state_path} does not exist; start without --resume")
-        run = load_run(torch.load(state_path, map_location=device, weights_only=False), device)
-        C.log(f"resumed {state_path}: {run.p.phase} phase, vae step {run.p.vae_step}, dit step {run.p.dit_step}")
-        if replace(run.cfg, t5_length=preset.t5_length) != preset:
-            C.log(f"note: the checkpoint's config is not --preset {args.preset}'s; the checkpoint's is used")
-        return run
-    if state_path.exists():
-        raise SystemExit(f"{state_path} exists; pass --resume to continue it, or choose another --out")
-    if preset.t5_length == 0:
-        shapes, rng = C.shapes_module(), np.random.default_rng([args.seed, 10**9])
-        captions = [shapes.caption(shapes.sample_scene(rng, "train", video=True)) for _ in range(2048)]
-        preset = replace(preset, t5_length=C.choose_t5_length(captions))
-        C.log(f"T5 length {preset.t5_length} (holds the longest of 2048 sampled captions)")
-    run = new_run(preset, device, args.seed)
+def sample_captions(preset: VideoConfig, seed: int) -> list[str]:
+    shapes, rng = C.shapes_module(), np.random.default_rng([seed, 10**9])
+    return [shapes.caption(shapes.sample_scene(rng, "train", video=True)) for _ in range(2048)]
+
+
+def make_feeder(run: Run, args: argparse.Namespace) -> C.Feeder:
+    render = functools.partial(render_videos, size=run.cfg.size, frames=run.cfg.frames)
+    return C.Feeder(render, Tokenize(run.cfg.t5_length), run.seed, run.p.next_chunk, run.cfg.chunk, args.workers)
+
+
+def start_from(run: Run, args: argparse.Namespace) -> None:
     if args.init_from is not None:
         init_from_repo(run, args.init_from)
-    return run
 
 
-def train(run: Run, args: argparse.Namespace, clock: C.Clock, train_end: float) -> None:
-    """The training phases of this process, then the final state.pt."""
-    run.p.runs += 1
-    render = functools.partial(render_videos, size=run.cfg.size, frames=run.cfg.frames)
-    feeder = C.Feeder(render, Tokenize(run.cfg.t5_length), run.seed, run.p.next_chunk, run.cfg.chunk, args.workers)
-    try:
-        pool = None
-        if run.p.phase == "vae":
-            if run.p.vae_target_seconds <= 0:
-                window = max(0.0, train_end - clock.now())
-                run.p.vae_target_seconds = (min(args.vae_seconds, window) if args.vae_seconds is not None
-                                            else run.cfg.vae_fraction * window)
-            pool = train_vae(run, feeder, clock, train_end, args)
-        if run.p.phase == "dit":
-            train_dit(run, feeder, clock, train_end, args, pool)
-    finally:
-        feeder.close()
-    save_state(run, args.out)
-    C.log(f"saved {args.out / 'state.pt'} ({clock.elapsed():.0f}s elapsed)")
+def evaluate(repo: Path, device: torch.device, run: Run, n: int, out: Path) -> dict:
+    return C.evaluate_repo(repo, device, run.seed, n, out, run.cfg.size, video=True, frames=run.cfg.frames)
+
+
+PARTS = C.TrainerParts(
+    presets=PRESETS, sample_captions=sample_captions, new_run=new_run, load_run=load_run, make_feeder=make_feeder,
+    train_vae=train_vae, train_dit=train_dit, save_state=save_state, export_repo=export_repo,
+    model_sizes=model_sizes, evaluate=evaluate, eval_seconds_each=0.5, start_from=start_from)
+
+
+def prepare_run(args: argparse.Namespace, device: torch.device) -> Run:
+    """Resume OUT/state.pt, or start a new run (``--init-from``: from a written repo's weights)."""
+    return C.prepare_run(PARTS, args, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,39 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(eval_images=0)
     p.add_argument("--eval-videos", type=int, default=32, help="prompts per split generated at the end (0: none)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model sizes (tiny: CPU tests)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer for training (its compile time counts against the budget)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start a new run from the weights of a repo this trainer wrote (continues its VAE)")
-    p.add_argument("--vae-seconds", type=float, default=None,
-                   help="VAE phase length of a new run (default: vae_fraction of the first window)")
     args = p.parse_args(argv)
-    n_eval = args.eval_videos
     clock = C.Clock(args.minutes * 60, start=_T0 if argv is None else None)
-    device = torch.device(args.device)
-    C.setup_torch(device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    run = prepare_run(args, device)
-    sizes = model_sizes(run.cfg)
-    C.log("params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items())
-          + f"; {2 * sum(sizes.values()) / 2**20:.1f} MiB in fp16")
-    reserve = args.reserve_seconds if args.reserve_seconds is not None else 10 + 0.5 * n_eval
-    if not args.export_only:
-        train(run, args, clock, clock.deadline - reserve)
-    if run.p.phase != "dit":
-        C.log("the VAE phase is not finished, so no repo was written: resume with a larger budget")
-        return 0
-    repo = export_repo(run, args.out)
-    info = {"seed": run.seed, "progress": asdict(run.p), "params": sizes, "config": asdict(run.cfg),
-            "repo_bytes": C.dir_bytes(repo), "diffusers": importlib.metadata.version("diffusers")}
-    if n_eval > 0 and clock.left() > 0:
-        info["eval"] = C.evaluate_repo(repo, device, run.seed, n_eval, args.out, run.cfg.size, video=True,
-                                       frames=run.cfg.frames)
-    elif n_eval > 0:
-        C.log("no time left for the evaluation; skipped")
-    C.write_json(args.out / "training_info.json", info)
-    C.log(f"done in {clock.elapsed():.0f}s of {args.minutes * 60:.0f}s; repo {repo}")
-    return 0
+    return C.run_main(PARTS, args, clock, args.eval_videos)
 
 
 if __name__ == "__main__":
