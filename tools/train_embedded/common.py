@@ -542,6 +542,50 @@ def vae_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, 
     return loss
 
 
+def dit_loop(run, pool: RingPool, ingest: Callable, feeder: Feeder, clock: Clock, train_end: float,
+             args: argparse.Namespace, loss_fn: Callable[[dict, torch.nn.Module], torch.Tensor],
+             save: Callable[[], None]) -> None:
+    """The transformer phase's steps until `train_end`: up to two fresh data chunks into the latent pool,
+    `loss_fn(batch, model)`, clipping, AdamW, EMA, learning-rate schedule over the window, log lines and
+    periodic `save()`. With ``--compile`` the transformer is compiled; a failing compile goes on eagerly
+    (eager errors are raised). Records the phase in ``run.p.history``."""
+    cfg, p = run.cfg, run.p
+    start, base = clock.now(), p.dit_seconds
+    params, window = list(run.trainable().values()), max(train_end - start, 1e-6)
+    model = torch.compile(run.dit) if args.compile else run.dit  # shares run.dit's parameters
+
+    def sync() -> None:
+        p.dit_seconds = base + clock.now() - start
+
+    meter = Meter("dit", args.log_every, cfg.dit_batch)
+    saver = Saver(lambda: (sync(), save()), args.save_every)
+    while clock.now() < train_end:
+        for _ in range(2):
+            if (item := feeder.get(block=False)) is not None:
+                ingest(item)
+        run.dit_opt.zero_grad(set_to_none=True)
+        try:
+            loss = loss_fn(pool.sample(cfg.dit_batch, run.gen), model)
+            loss.backward()
+        except Exception as e:
+            if model is run.dit:
+                raise
+            log(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); continuing without it")
+            model = run.dit
+            continue
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        run.dit_opt.step()
+        run.ema.update()
+        p.dit_step += 1
+        set_lr(run.dit_opt, lr_scale(p.dit_step, cfg.warmup_steps, (clock.now() - start) / window))
+        meter.add(loss)
+        meter.maybe_print(p.dit_step, f"pool {pool.count} chunks {feeder.next_chunk}")
+        saver.maybe()
+    sync()
+    meter.maybe_print(p.dit_step, "(end of run)", force=True)
+    p.history.append(["dit", p.dit_step, round(p.dit_seconds, 1), meter.last_loss])
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 

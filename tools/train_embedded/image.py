@@ -377,8 +377,7 @@ def train_dit(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args
     """Train the transformer (and text encoders) with EMA until `train_end`."""
     from diffserve.pipelines.flux import image_ids
 
-    cfg, dev, p = run.cfg, run.device, run.p
-    start, base = clock.now(), p.dit_seconds
+    cfg, dev, start = run.cfg, run.device, clock.now()
     pool, ingest = latent_pool(run, images, feeder)
     del images
     C.log(f"dit: pool {pool.count} latents after {clock.now() - start:.1f}s; {train_end - clock.now():.0f}s to train")
@@ -387,39 +386,8 @@ def train_dit(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args
     run.vae.eval().requires_grad_(False)
     for m in (run.dit, run.clip, run.t5):
         m.train()
-    params, window = list(run.trainable().values()), max(train_end - start, 1e-6)
-    model = torch.compile(run.dit) if args.compile else run.dit  # shares run.dit's parameters
-
-    def sync() -> None:
-        p.dit_seconds = base + clock.now() - start
-
-    meter, saver = C.Meter("dit", args.log_every, cfg.dit_batch), C.Saver(lambda: (sync(), save_state(run, args.out)),
-                                                                         args.save_every)
-    while clock.now() < train_end:
-        for _ in range(2):  # up to two fresh chunks per step
-            if (item := feeder.get(block=False)) is not None:
-                ingest(item)
-        run.dit_opt.zero_grad(set_to_none=True)
-        try:
-            loss = dit_loss(run, pool.sample(cfg.dit_batch, run.gen), img_ids, txt_ids, model)
-            loss.backward()
-        except Exception as e:  # a failing torch.compile: go on eagerly (eager errors are raised)
-            if model is run.dit:
-                raise
-            C.log(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); continuing without it")
-            model = run.dit
-            continue
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        run.dit_opt.step()
-        run.ema.update()
-        p.dit_step += 1
-        C.set_lr(run.dit_opt, C.lr_scale(p.dit_step, cfg.warmup_steps, (clock.now() - start) / window))
-        meter.add(loss)
-        meter.maybe_print(p.dit_step, f"pool {pool.count} chunks {feeder.next_chunk}")
-        saver.maybe()
-    sync()
-    meter.maybe_print(p.dit_step, "(end of run)", force=True)
-    p.history.append(["dit", p.dit_step, round(p.dit_seconds, 1), meter.last_loss])
+    C.dit_loop(run, pool, ingest, feeder, clock, train_end, args,
+               lambda batch, model: dit_loss(run, batch, img_ids, txt_ids, model), lambda: save_state(run, args.out))
 
 
 # ---------------------------------------------------------------------------------------- export / eval
