@@ -542,6 +542,49 @@ def vae_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, 
     return loss
 
 
+def vae_loop(run, pool: RingPool, to_input: Callable[[torch.Tensor], torch.Tensor], noun: str, feeder: Feeder,
+             clock: Clock, train_end: float, args: argparse.Namespace, save: Callable[[], None],
+             finish: Callable[[RingPool], None]) -> RingPool:
+    """The VAE phase until its time target (or `train_end`): data chunks go into `pool` (whose fields, in
+    order, are a chunk's tensors after its index; the first holds the uint8 pixels, `to_input` maps them to
+    the VAE's input), steps of :func:`vae_step`, learning-rate schedule over the target, log lines, periodic
+    `save()`; when the target is reached, `finish(pool)` fixes the latent statistics. Returns the pool,
+    which starts the transformer's latent pool."""
+    cfg, p, fields = run.cfg, run.p, tuple(pool.data)
+    start, base = clock.now(), p.vae_seconds
+    end = min(train_end, start + p.vae_target_seconds - base)
+
+    def ingest(item) -> None:
+        pool.add(**dict(zip(fields, item[1:])))
+        p.next_chunk = feeder.next_chunk
+
+    def sync() -> None:
+        p.vae_seconds = base + clock.now() - start
+
+    while pool.count < min(cfg.min_fill, pool.capacity):
+        ingest(feeder.get())
+    log(f"vae: pool {pool.count} {noun} after {clock.now() - start:.1f}s; {p.vae_target_seconds:.0f}s of VAE time")
+    meter, saver = Meter("vae", args.log_every, cfg.vae_batch), Saver(lambda: (sync(), save()), args.save_every)
+    run.vae.train()
+    while clock.now() < end:
+        if (item := feeder.get(block=False)) is not None:
+            ingest(item)
+        x = to_input(pool.sample(cfg.vae_batch, run.gen, fields[:1])[fields[0]])
+        loss = vae_step(run.vae, run.vae_opt, x, run.gen, cfg.kl_weight, cfg.grad_clip)
+        p.vae_step += 1
+        frac = (base + clock.now() - start) / max(p.vae_target_seconds, 1e-6)
+        set_lr(run.vae_opt, lr_scale(p.vae_step, cfg.warmup_steps, frac))
+        meter.add(loss)
+        meter.maybe_print(p.vae_step, f"pool {pool.count} chunks {feeder.next_chunk}")
+        saver.maybe()
+    sync()
+    meter.maybe_print(p.vae_step, "(end of phase)", force=True)
+    p.history.append(["vae", p.vae_step, round(p.vae_seconds, 1), meter.last_loss])
+    if p.vae_seconds >= p.vae_target_seconds - 1e-3 and p.vae_step > 0:
+        finish(pool)
+    return pool
+
+
 def dit_loop(run, pool: RingPool, ingest: Callable, feeder: Feeder, clock: Clock, train_end: float,
              args: argparse.Namespace, loss_fn: Callable[[dict, torch.nn.Module], torch.Tensor],
              save: Callable[[], None]) -> None:

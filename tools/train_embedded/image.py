@@ -261,43 +261,11 @@ def save_state(run: Run, out: Path) -> None:
 def train_vae(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args: argparse.Namespace) -> C.RingPool:
     """Train the VAE until its time target, then fix the latent shift / scale and move to the DiT phase.
     Returns the image pool (with token ids), which starts the DiT's latent pool."""
-    cfg, dev, vae, p = run.cfg, run.device, run.vae, run.p
-    s = cfg.image_size
+    cfg, s = run.cfg, run.cfg.image_size
     pool = C.RingPool(cfg.image_pool, {"images": ((s, s, 3), torch.uint8), "clip": ((CLIP_LENGTH,), torch.int16),
-                                       "t5": ((cfg.t5_length,), torch.int16)}, dev)
-    start, base = clock.now(), p.vae_seconds
-    end = min(train_end, start + p.vae_target_seconds - base)
-
-    def ingest(item) -> None:
-        pool.add(images=item[1], clip=item[2], t5=item[3])
-        p.next_chunk = feeder.next_chunk
-
-    def sync() -> None:
-        p.vae_seconds = base + clock.now() - start
-
-    while pool.count < min(cfg.min_fill, cfg.image_pool):
-        ingest(feeder.get())
-    C.log(f"vae: pool {pool.count} images after {clock.now() - start:.1f}s; {p.vae_target_seconds:.0f}s of VAE time")
-    meter, saver = C.Meter("vae", args.log_every, cfg.vae_batch), C.Saver(lambda: (sync(), save_state(run, args.out)),
-                                                                         args.save_every)
-    vae.train()
-    while clock.now() < end:
-        if (item := feeder.get(block=False)) is not None:
-            ingest(item)
-        x = C.to_unit(pool.sample(cfg.vae_batch, run.gen, ("images",))["images"])
-        loss = C.vae_step(vae, run.vae_opt, x, run.gen, cfg.kl_weight, cfg.grad_clip)
-        p.vae_step += 1
-        frac = (base + clock.now() - start) / max(p.vae_target_seconds, 1e-6)
-        C.set_lr(run.vae_opt, C.lr_scale(p.vae_step, cfg.warmup_steps, frac))
-        meter.add(loss)
-        meter.maybe_print(p.vae_step, f"pool {pool.count} chunks {feeder.next_chunk}")
-        saver.maybe()
-    sync()
-    meter.maybe_print(p.vae_step, "(end of phase)", force=True)
-    p.history.append(["vae", p.vae_step, round(p.vae_seconds, 1), meter.last_loss])
-    if p.vae_seconds >= p.vae_target_seconds - 1e-3 and p.vae_step > 0:
-        finish_vae(run, pool)
-    return pool
+                                       "t5": ((cfg.t5_length,), torch.int16)}, run.device)
+    return C.vae_loop(run, pool, C.to_unit, "images", feeder, clock, train_end, args,
+                      lambda: save_state(run, args.out), lambda pool: finish_vae(run, pool))
 
 
 @torch.no_grad()
