@@ -420,6 +420,20 @@ def write_tokenizers(root: Path, t5_length: int) -> None:
     build_t5_tokenizer().save_pretrained(root / "tokenizer_2")
 
 
+def finish_repo(tmp: Path, out: Path, reference: str, defaults: dict, budget_mb: float) -> Path:
+    """Complete a repo written in `tmp` (its model_index.json from the `reference` checkpoint's, and
+    diffserve_defaults.json), move it to OUT/repo in place of an older one, and log its size against
+    `budget_mb`. Returns OUT/repo."""
+    write_json(tmp / "model_index.json",
+               real_config(reference) | {"_diffusers_version": importlib.metadata.version("diffusers")})
+    write_json(tmp / "diffserve_defaults.json", defaults)
+    replace_dir(tmp, out / "repo")
+    mib = dir_bytes(out / "repo") / 2**20
+    log(f"wrote {out / 'repo'} ({mib:.2f} MiB)" + ("" if mib <= budget_mb else
+                                                   f"; WARNING: above the {budget_mb} MB budget"))
+    return out / "repo"
+
+
 def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

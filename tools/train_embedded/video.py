@@ -21,7 +21,6 @@ _T0 = time.monotonic()  # the budget counts from here (before the heavy imports)
 
 import argparse
 import functools
-import importlib.metadata
 import shutil
 import sys
 from collections.abc import Callable
@@ -418,14 +417,7 @@ def export_repo(run: Run, out: Path) -> Path:
     build_t5_tokenizer().save_pretrained(tmp / "tokenizer")
     sched = {k: v for k, v in C.real_config(REFERENCE, "scheduler").items() if not k.startswith("_")}
     UniPCMultistepScheduler.from_config(sched | {"flow_shift": cfg.shift}).save_pretrained(tmp / "scheduler")
-    C.write_json(tmp / "model_index.json",
-                 C.real_config(REFERENCE) | {"_diffusers_version": importlib.metadata.version("diffusers")})
-    C.write_json(tmp / "diffserve_defaults.json", defaults_for(cfg))
-    C.replace_dir(tmp, out / "repo")
-    mib = C.dir_bytes(out / "repo") / 2**20
-    C.log(f"wrote {out / 'repo'} ({mib:.2f} MiB)" + ("" if mib <= REPO_BUDGET_MB else
-                                                     f"; WARNING: above the {REPO_BUDGET_MB} MB budget"))
-    return out / "repo"
+    return C.finish_repo(tmp, out, REFERENCE, defaults_for(cfg), REPO_BUDGET_MB)
 
 
 # --------------------------------------------------------------------------------------------- CLI
