@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -380,6 +380,11 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def save_state(run, out: Path) -> None:
+    """OUT/state.pt from ``run.state()`` (models, optimizers, EMA, RNG, progress)."""
+    atomic_torch_save(run.state(), out / "state.pt")
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished folder `tmp` to `final`, replacing an older one."""
     old = final.with_name(final.name + ".old")
@@ -557,12 +562,12 @@ def vae_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, 
 
 
 def vae_loop(run, pool: RingPool, to_input: Callable[[torch.Tensor], torch.Tensor], noun: str, feeder: Feeder,
-             clock: Clock, train_end: float, args: argparse.Namespace, save: Callable[[], None],
+             clock: Clock, train_end: float, args: argparse.Namespace,
              finish: Callable[[RingPool], None]) -> RingPool:
     """The VAE phase until its time target (or `train_end`): data chunks go into `pool` (whose fields, in
     order, are a chunk's tensors after its index; the first holds the uint8 pixels, `to_input` maps them to
     the VAE's input), steps of :func:`vae_step`, learning-rate schedule over the target, log lines, periodic
-    `save()`; when the target is reached, `finish(pool)` fixes the latent statistics. Returns the pool,
+    state.pt; when the target is reached, `finish(pool)` fixes the latent statistics. Returns the pool,
     which starts the transformer's latent pool."""
     cfg, p, fields = run.cfg, run.p, tuple(pool.data)
     start, base = clock.now(), p.vae_seconds
@@ -578,7 +583,8 @@ def vae_loop(run, pool: RingPool, to_input: Callable[[torch.Tensor], torch.Tenso
     while pool.count < min(cfg.min_fill, pool.capacity):
         ingest(feeder.get())
     log(f"vae: pool {pool.count} {noun} after {clock.now() - start:.1f}s; {p.vae_target_seconds:.0f}s of VAE time")
-    meter, saver = Meter("vae", args.log_every, cfg.vae_batch), Saver(lambda: (sync(), save()), args.save_every)
+    meter = Meter("vae", args.log_every, cfg.vae_batch)
+    saver = Saver(lambda: (sync(), save_state(run, args.out)), args.save_every)
     run.vae.train()
     while clock.now() < end:
         if (item := feeder.get(block=False)) is not None:
@@ -600,11 +606,10 @@ def vae_loop(run, pool: RingPool, to_input: Callable[[torch.Tensor], torch.Tenso
 
 
 def dit_loop(run, pool: RingPool, ingest: Callable, feeder: Feeder, clock: Clock, train_end: float,
-             args: argparse.Namespace, loss_fn: Callable[[dict, torch.nn.Module], torch.Tensor],
-             save: Callable[[], None]) -> None:
+             args: argparse.Namespace, loss_fn: Callable[[dict, torch.nn.Module], torch.Tensor]) -> None:
     """The transformer phase's steps until `train_end`: up to two fresh data chunks into the latent pool,
     `loss_fn(batch, model)`, clipping, AdamW, EMA, learning-rate schedule over the window, log lines and
-    periodic `save()`. With ``--compile`` the transformer is compiled; a failing compile goes on eagerly
+    periodic state.pt. With ``--compile`` the transformer is compiled; a failing compile goes on eagerly
     (eager errors are raised). Records the phase in ``run.p.history``."""
     cfg, p = run.cfg, run.p
     start, base = clock.now(), p.dit_seconds
@@ -615,7 +620,7 @@ def dit_loop(run, pool: RingPool, ingest: Callable, feeder: Feeder, clock: Clock
         p.dit_seconds = base + clock.now() - start
 
     meter = Meter("dit", args.log_every, cfg.dit_batch)
-    saver = Saver(lambda: (sync(), save()), args.save_every)
+    saver = Saver(lambda: (sync(), save_state(run, args.out)), args.save_every)
     while clock.now() < train_end:
         for _ in range(2):
             if (item := feeder.get(block=False)) is not None:
@@ -646,6 +651,22 @@ def dit_loop(run, pool: RingPool, ingest: Callable, feeder: Feeder, clock: Clock
 # ------------------------------------------------------------------------------------------- driver
 
 
+@dataclass
+class Progress:
+    """The counters of a run that the shared flow and loops keep (saved in state.pt); each trainer adds
+    its latent statistics in a subclass."""
+
+    phase: str = "vae"  # "vae", then "dit" once the VAE and its latent statistics are final
+    next_chunk: int = 0  # first data-stream chunk not yet used
+    vae_step: int = 0
+    vae_seconds: float = 0.0
+    vae_target_seconds: float = 0.0  # fixed by the first run
+    dit_step: int = 0
+    dit_seconds: float = 0.0
+    runs: int = 0
+    history: list = field(default_factory=list)  # [phase, step, seconds, last loss] at the end of each phase/run
+
+
 @dataclass(frozen=True)
 class TrainerParts:
     """What the image and the video trainer each supply to :func:`run_main`; the run's flow (resume or start,
@@ -658,7 +679,6 @@ class TrainerParts:
     make_feeder: Callable[[Any, argparse.Namespace], Feeder]
     train_vae: Callable[..., Any]  # (run, feeder, clock, train_end, args) -> the VAE's data pool
     train_dit: Callable[..., None]  # (run, feeder, clock, train_end, args, pool)
-    save_state: Callable[[Any, Path], None]
     export_repo: Callable[[Any, Path], Path]
     model_sizes: Callable[[Any], dict[str, int]]
     evaluate: Callable[[Path, torch.device, Any, int, Path], dict]  # (repo, device, run, n, out)
@@ -704,7 +724,7 @@ def train_phases(parts: TrainerParts, run, args: argparse.Namespace, clock: Cloc
             parts.train_dit(run, feeder, clock, train_end, args, pool)
     finally:
         feeder.close()
-    parts.save_state(run, args.out)
+    save_state(run, args.out)
     log(f"saved {args.out / 'state.pt'} ({clock.elapsed():.0f}s elapsed)")
 
 

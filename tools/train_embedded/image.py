@@ -159,20 +159,11 @@ def render_images(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarr
 
 
 @dataclass
-class Progress:
-    """The counters of a run (saved in state.pt)."""
+class Progress(C.Progress):
+    """The run's counters and the VAE's latent shift / scale (saved in state.pt)."""
 
-    phase: str = "vae"  # "vae", then "dit" once the VAE and its latent statistics are final
-    next_chunk: int = 0  # first data-stream chunk not yet used
-    vae_step: int = 0
-    vae_seconds: float = 0.0
-    vae_target_seconds: float = 0.0  # fixed by the first run
-    dit_step: int = 0
-    dit_seconds: float = 0.0
     latent_shift: float = 0.0
     latent_scale: float = 1.0
-    runs: int = 0
-    history: list = field(default_factory=list)  # [phase, step, seconds, last loss] at the end of each phase/run
 
 
 @dataclass
@@ -250,10 +241,6 @@ def start_dit(run: Run) -> None:
     run.ema = C.EMA(run.trainable(), run.cfg.ema_decay)
 
 
-def save_state(run: Run, out: Path) -> None:
-    C.atomic_torch_save(run.state(), out / "state.pt")
-
-
 # ------------------------------------------------------------------------------------------ phases
 
 
@@ -264,7 +251,7 @@ def train_vae(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args
     pool = C.RingPool(cfg.image_pool, {"images": ((s, s, 3), torch.uint8), "clip": ((CLIP_LENGTH,), torch.int16),
                                        "t5": ((cfg.t5_length,), torch.int16)}, run.device)
     return C.vae_loop(run, pool, C.to_unit, "images", feeder, clock, train_end, args,
-                      lambda: save_state(run, args.out), lambda pool: finish_vae(run, pool))
+                      lambda pool: finish_vae(run, pool))
 
 
 @torch.no_grad()
@@ -354,7 +341,7 @@ def train_dit(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args
     for m in (run.dit, run.clip, run.t5):
         m.train()
     C.dit_loop(run, pool, ingest, feeder, clock, train_end, args,
-               lambda batch, model: dit_loss(run, batch, img_ids, txt_ids, model), lambda: save_state(run, args.out))
+               lambda batch, model: dit_loss(run, batch, img_ids, txt_ids, model))
 
 
 # ---------------------------------------------------------------------------------------- export / eval
@@ -407,7 +394,7 @@ def evaluate(repo: Path, device: torch.device, run: Run, n: int, out: Path) -> d
 
 PARTS = C.TrainerParts(
     presets=PRESETS, sample_captions=sample_captions, new_run=new_run, load_run=load_run, make_feeder=make_feeder,
-    train_vae=train_vae, train_dit=train_dit, save_state=save_state, export_repo=export_repo,
+    train_vae=train_vae, train_dit=train_dit, export_repo=export_repo,
     model_sizes=model_sizes, evaluate=evaluate, eval_seconds_each=0.15)
 
 

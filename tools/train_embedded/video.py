@@ -178,20 +178,11 @@ def video_unit(videos: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Progress:
-    """The counters of a run (saved in state.pt)."""
+class Progress(C.Progress):
+    """The run's counters and the VAE's per-channel latent mean / std (saved in state.pt)."""
 
-    phase: str = "vae"  # "vae", then "dit" once the VAE and its latent statistics are final
-    next_chunk: int = 0
-    vae_step: int = 0
-    vae_seconds: float = 0.0
-    vae_target_seconds: float = 0.0  # fixed by the first run
-    dit_step: int = 0
-    dit_seconds: float = 0.0
     latents_mean: list = field(default_factory=list)
     latents_std: list = field(default_factory=list)
-    runs: int = 0
-    history: list = field(default_factory=list)  # [phase, step, seconds, last loss] at the end of each phase/run
 
 
 @dataclass
@@ -286,10 +277,6 @@ def start_dit(run: Run) -> None:
     run.ema = C.EMA(run.trainable(), run.cfg.ema_decay)
 
 
-def save_state(run: Run, out: Path) -> None:
-    C.atomic_torch_save(run.state(), out / "state.pt")
-
-
 # ------------------------------------------------------------------------------------------ phases
 
 
@@ -301,7 +288,7 @@ def train_vae(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args
                                        "t5": ((cfg.t5_length,), torch.int16),
                                        "mask": ((cfg.t5_length,), torch.int16)}, run.device)
     return C.vae_loop(run, pool, video_unit, "clips", feeder, clock, train_end, args,
-                      lambda: save_state(run, args.out), lambda pool: finish_vae(run, pool))
+                      lambda pool: finish_vae(run, pool))
 
 
 @torch.no_grad()
@@ -386,7 +373,7 @@ def train_dit(run: Run, feeder: C.Feeder, clock: C.Clock, train_end: float, args
     run.dit.train()
     run.umt5.train()
     C.dit_loop(run, pool, ingest, feeder, clock, train_end, args,
-               lambda batch, model: dit_loss(run, batch, model), lambda: save_state(run, args.out))
+               lambda batch, model: dit_loss(run, batch, model))
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -444,7 +431,7 @@ def evaluate(repo: Path, device: torch.device, run: Run, n: int, out: Path) -> d
 
 PARTS = C.TrainerParts(
     presets=PRESETS, sample_captions=sample_captions, new_run=new_run, load_run=load_run, make_feeder=make_feeder,
-    train_vae=train_vae, train_dit=train_dit, save_state=save_state, export_repo=export_repo,
+    train_vae=train_vae, train_dit=train_dit, export_repo=export_repo,
     model_sizes=model_sizes, evaluate=evaluate, eval_seconds_each=0.5, start_from=start_from)
 
 
