@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/bench_e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     w = WORKLOADS[args.workload]
     steps = args.steps or w.steps
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    from diffserve.config import parse_dtype
+
+    dt = parse_dtype(args.dtype)
     if not args.repo.exists():
         from diffserve.testing.fixtures import build_repo
 

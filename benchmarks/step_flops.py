@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import resources
 
 import torch
 
@@ -25,27 +24,22 @@ except ImportError:  # run as a script
     import roofline  # type: ignore[no-redef]
     from bench_e2e import WORKLOADS, Workload  # type: ignore[no-redef]
 
-REPOS = {"flux-dev": "FLUX.1-dev", "wan-t2v": "Wan2.1-T2V-1.3B-Diffusers", "wan-t2v-14b": "Wan2.1-T2V-14B-Diffusers"}
-VAE_FACTOR = {"flux-dev": 8, "wan-t2v": 8, "wan-t2v-14b": 8}
+VAE_FACTOR = 8  # spatial down-sampling of both FLUX.1's and Wan2.1's VAEs
 TEXT_TOKENS = 512  # FLUX.1-dev's and Wan2.1's max_sequence_length
-
-
-def _config_path(fixture: str):
-    return resources.files("diffserve.testing") / "model_configs" / REPOS[fixture] / "transformer" / "config.json"
 
 
 def count_workload(w: Workload) -> roofline.StepFlops:
     """FLOPs of one denoising step of `w` at full size (FLUX: one call; Wan: two, for CFG)."""
     from diffserve.layers.attention import AttentionOp
+    from diffserve.testing.fixtures import SPECS, read_config
 
-    meta = torch.device("meta")
-    attention = AttentionOp("sdpa")
-    f = VAE_FACTOR[w.fixture]
-    with meta:
-        if w.fixture == "flux-dev":
+    spec, attention, f = SPECS[w.fixture], AttentionOp("sdpa"), VAE_FACTOR
+    raw = read_config(spec.config_repo, "transformer")
+    with torch.device("meta"):
+        if spec.family == "flux":
             from diffserve.models.dits.flux import FluxConfig, FluxTransformer
 
-            cfg = FluxConfig.from_json(str(_config_path(w.fixture)))
+            cfg = FluxConfig.from_dict(raw)
             model = FluxTransformer(cfg, attention)
             h, wd = w.height // f // 2, w.width // f // 2
             args = [(torch.empty(1, h * wd, cfg.in_channels), torch.empty(1, TEXT_TOKENS, cfg.joint_attention_dim),
@@ -54,7 +48,7 @@ def count_workload(w: Workload) -> roofline.StepFlops:
         else:
             from diffserve.models.dits.wan import WanConfig, WanTransformer
 
-            cfg = WanConfig.from_json(str(_config_path(w.fixture)))
+            cfg = WanConfig.from_dict(raw)
             model = WanTransformer(cfg, attention)
             frames = (w.num_frames - 1) // 4 + 1
             x = torch.empty(1, cfg.in_channels, frames, w.height // f, w.width // f)
