@@ -28,35 +28,60 @@ VAE_FACTOR = 8  # spatial down-sampling of both FLUX.1's and Wan2.1's VAEs
 TEXT_TOKENS = 512  # FLUX.1-dev's and Wan2.1's max_sequence_length
 
 
+def build_step(w: Workload, device: torch.device | str = "meta",
+               attention=None) -> tuple[torch.nn.Module, list[tuple]]:
+    """diffserve's transformer for `w` (at the workload's fixture scale), on the meta device (no weights), and the argument
+    tuples of one denoising step's transformer calls (FLUX: one; Wan: two, cond + uncond for CFG), as
+    float32 tensors on `device` (random on a real device, empty on meta)."""
+    from diffserve.layers.attention import AttentionOp
+    from diffserve.testing.fixtures import SPECS, component_plan
+
+    spec, f = SPECS[w.fixture], VAE_FACTOR
+    attention = attention or AttentionOp("sdpa")
+    raw = next(c.config for c in component_plan(w.fixture, w.scale) if c.name == "transformer")
+    text_tokens = TEXT_TOKENS if w.scale == "full" else 8
+    gen = torch.Generator("cpu").manual_seed(0)
+    if spec.family == "flux":
+        from diffserve.models.dits.flux import FluxConfig as Config
+        from diffserve.models.dits.flux import FluxTransformer
+    else:
+        from diffserve.models.dits.wan import WanConfig as Config
+        from diffserve.models.dits.wan import WanTransformer
+    cfg = Config.from_dict(raw)
+
+    def t(*shape: int) -> torch.Tensor:
+        if torch.device(device).type == "meta":
+            return torch.empty(*shape, device=device)
+        return torch.randn(*shape, generator=gen).to(device)
+
+    with torch.device("meta"):
+        model = (FluxTransformer if spec.family == "flux" else WanTransformer)(cfg, attention)
+    with torch.device(device):
+        if spec.family == "flux":
+            h, wd = w.height // f // 2, w.width // f // 2
+            ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(wd).float(),
+                                              indexing="ij"), -1)
+            calls = [(t(1, h * wd, cfg.in_channels), t(1, text_tokens, cfg.joint_attention_dim),
+                      t(1, cfg.pooled_projection_dim), torch.full((1,), 0.5), ids.reshape(-1, 3).float(),
+                      torch.zeros(text_tokens, 3), torch.full((1,), w.guidance) if cfg.guidance_embeds else None)]
+        else:
+            frames = (w.num_frames - 1) // 4 + 1
+            x = t(1, cfg.in_channels, frames, w.height // f, w.width // f)
+            ts = torch.full((1,), 500.0)
+            calls = [(x, ts, t(1, text_tokens, cfg.text_dim)), (x, ts, t(1, text_tokens, cfg.text_dim))]
+    return model, calls
+
+
 def count_workload(w: Workload) -> roofline.StepFlops:
     """FLOPs of one denoising step of `w` at full size (FLUX: one call; Wan: two, for CFG)."""
     from diffserve.layers.attention import AttentionOp
-    from diffserve.testing.fixtures import SPECS, read_config
 
-    spec, attention, f = SPECS[w.fixture], AttentionOp("sdpa"), VAE_FACTOR
-    raw = read_config(spec.config_repo, "transformer")
-    with torch.device("meta"):
-        if spec.family == "flux":
-            from diffserve.models.dits.flux import FluxConfig, FluxTransformer
-
-            cfg = FluxConfig.from_dict(raw)
-            model = FluxTransformer(cfg, attention)
-            h, wd = w.height // f // 2, w.width // f // 2
-            args = [(torch.empty(1, h * wd, cfg.in_channels), torch.empty(1, TEXT_TOKENS, cfg.joint_attention_dim),
-                     torch.empty(1, cfg.pooled_projection_dim), torch.empty(1), torch.empty(h * wd, 3),
-                     torch.empty(TEXT_TOKENS, 3), torch.empty(1) if cfg.guidance_embeds else None)]
-        else:
-            from diffserve.models.dits.wan import WanConfig, WanTransformer
-
-            cfg = WanConfig.from_dict(raw)
-            model = WanTransformer(cfg, attention)
-            frames = (w.num_frames - 1) // 4 + 1
-            x = torch.empty(1, cfg.in_channels, frames, w.height // f, w.width // f)
-            args = [(x, torch.empty(1), torch.empty(1, TEXT_TOKENS, cfg.text_dim))] * 2  # cond + uncond
+    attention = AttentionOp("sdpa")
+    model, calls = build_step(w, "meta", attention)
 
     def step() -> None:
         with torch.no_grad():
-            for a in args:
+            for a in calls:
                 model(*a)
 
     return roofline.count_step_flops(model, attention, step)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffserve.layers.attention import AttentionOp
-from diffserve.layers.embeddings import FeedForward, MLPEmbedder, timestep_features
+from diffserve.layers.embeddings import FeedForward, GeluProj, MLPEmbedder, timestep_features
+from diffserve.layers.fused import linear_gelu_tanh
 from diffserve.layers.rope import apply_rope_interleaved, rope_nd
 from diffserve.models.dits.config import config_from_dict, config_from_json
 
@@ -172,6 +173,21 @@ class FluxSingleBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, 4 * dim)
         self.proj_out = nn.Linear(5 * dim, dim)
         self.attn = FluxAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, attn, added=False, out=False)
+        self.epilogue = False  # set by `FluxTransformer.fuse_epilogues`
+
+    @torch.no_grad()
+    def split_proj_out(self) -> None:
+        """Replace proj_out (over [attention, MLP], width 5C) by its two column blocks, so the block adds
+        two GEMM outputs instead of concatenating a (T+N, 5C) input first."""
+        inner = self.attn.heads * self.attn.head_dim
+        w, b = self.proj_out.weight, self.proj_out.bias
+        self.proj_out_attn = nn.Linear(inner, w.shape[0], device=w.device, dtype=w.dtype).requires_grad_(False)
+        self.proj_out_attn.weight.copy_(w[:, :inner])
+        self.proj_out_attn.bias.copy_(b)
+        self.proj_out_mlp = nn.Linear(w.shape[1] - inner, w.shape[0], bias=False, device=w.device,
+                                      dtype=w.dtype).requires_grad_(False)
+        self.proj_out_mlp.weight.copy_(w[:, inner:])
+        del self.proj_out
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """h (B, T+N, C)."""
@@ -185,9 +201,16 @@ class FluxSingleBlock(nn.Module):
             mlp = F.gelu(m, approximate="tanh")
         else:
             qkv = self.attn.qkv(n)
-            mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
+            if self.epilogue:
+                mlp = linear_gelu_tanh(n, self.proj_mlp.weight, self.proj_mlp.bias)
+            else:
+                mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
         attn_out = self.attn.attend(*qkv, rope)
-        h = h + gate[:, None] * self.proj_out(torch.cat([attn_out, mlp], dim=2))
+        if hasattr(self, "proj_out_attn"):  # split by `split_proj_out`
+            out = self.proj_out_attn(attn_out) + self.proj_out_mlp(mlp)
+        else:
+            out = self.proj_out(torch.cat([attn_out, mlp], dim=2))
+        h = h + gate[:, None] * out
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
         return h
@@ -278,6 +301,19 @@ class FluxTransformer(nn.Module):
             a = block.attn
             block.to_qkv_mlp = _fused_linear(a.to_q, a.to_k, a.to_v, block.proj_mlp)
             del a.to_q, a.to_k, a.to_v, block.proj_mlp
+
+    @torch.no_grad()
+    def fuse_epilogues(self) -> None:
+        """Kernel-level fusions (a layout change after loading; the function is unchanged, in bf16 up to
+        rounding): every tanh-GELU MLP input projection becomes one GEMM with bias and GELU in its epilogue,
+        and each single block's output projection is split into its attention and MLP column blocks, so the
+        (T+N, 5C) concatenation of [attention, MLP] is never written."""
+        for m in self.modules():
+            if isinstance(m, GeluProj):
+                m.epilogue = True
+        for block in self.single_transformer_blocks:
+            block.epilogue = True
+            block.split_proj_out()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
                 img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
