@@ -52,7 +52,7 @@ def build_step(w: Workload, device: torch.device | str = "meta",
     def t(*shape: int) -> torch.Tensor:
         if torch.device(device).type == "meta":
             return torch.empty(*shape, device=device)
-        return torch.randn(*shape, generator=gen).to(device)
+        return torch.randn(*shape, generator=gen, device="cpu").to(device)
 
     with torch.device("meta"):
         model = (FluxTransformer if spec.family == "flux" else WanTransformer)(cfg, attention)
