@@ -8,7 +8,8 @@ from the real config with random weights directly on the GPU (speed does not dep
 every variant gets the same weights (diffusers' transformer too, loaded from the same tensors). Variants:
 `eager` (the plain diffserve path every other variant is compared with), `diffusers`, `diffusers+compile`,
 and diffserve with "+"-joined options: `compile` (regional torch.compile), `epilogue` (the models'
-`fuse_epilogues`), `fuse` (`fuse_projections`), `graph` (the whole step captured in one CUDA graph).
+`fuse_epilogues`), `fuse` (`fuse_projections`), `graph` (the whole step captured in one CUDA graph), `oldrope` (the
+unbind/stack form of RoPE used before, same values).
 Writes DIR/<workload>.json and DIR/<workload>-kernels.txt.
 """
 
@@ -34,9 +35,9 @@ except ImportError:  # run as a script
     from step_flops import build_step  # type: ignore[no-redef]
 
 CATEGORIES = (  # first match wins; matched against the kernel name
+    ("triton (fused elementwise)", re.compile(r"^triton_", re.IGNORECASE)),
     ("attention", re.compile(r"sdpa|fmha|flash|attention|attn", re.IGNORECASE)),
     ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|gemv|cublas|splitk", re.IGNORECASE)),
-    ("triton (fused elementwise)", re.compile(r"^triton_", re.IGNORECASE)),
     ("copy / cat", re.compile(r"copy|cat|memcpy|memset", re.IGNORECASE)),
     ("norm", re.compile(r"norm|moments", re.IGNORECASE)),
 )
@@ -104,13 +105,19 @@ def build_variant(name: str, master: dict, cfg, workload: str, device: torch.dev
     from diffserve.models.dits.wan import WanTransformer
 
     opts = set(name.split("+")) - {"eager"}
-    if unknown := opts - {"compile", "epilogue", "fuse", "graph"}:
+    if unknown := opts - {"compile", "epilogue", "fuse", "graph", "oldrope"}:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name!r}")
     with torch.device("meta"):
         cls = FluxTransformer if family == "flux" else WanTransformer
         model = cls(cfg, AttentionOp(attention or default_backend(device)))
     model.load_state_dict(master, strict=True, assign=True)
     model.eval().requires_grad_(False)
+    import diffserve.models.dits.flux as flux_module
+    import diffserve.models.dits.wan as wan_module
+    from diffserve.layers.rope import apply_rope_interleaved
+
+    for module in (flux_module, wan_module):  # "oldrope": the unbind/stack RoPE this repo used before
+        module.apply_rope_interleaved = _rope_unbind_stack if "oldrope" in opts else apply_rope_interleaved
     if "fuse" in opts:
         model.fuse_projections()
     if "epilogue" in opts:
@@ -118,6 +125,14 @@ def build_variant(name: str, master: dict, cfg, workload: str, device: torch.dev
     if "compile" in opts:
         compile_blocks(model)
     return model
+
+
+def _rope_unbind_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The earlier form of diffserve.layers.rope.apply_rope_interleaved (same values), for comparison."""
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def step_fn(model, calls: list[tuple]):
@@ -177,7 +192,8 @@ def profile_step(step) -> dict:
     with profile(activities=activities, record_shapes=True) as prof:
         step()
         _sync()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in prof.events()  # GPU kernels, not the compiled regions' annotations on the GPU row
+               if e.device_type == DeviceType.CUDA and not e.name.startswith(("## Call", "Torch-Compiled"))]
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, cur_s, cur_e = 0.0, None, None
     for s, e in spans:

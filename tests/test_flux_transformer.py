@@ -107,5 +107,6 @@ def test_fused_projections_keep_the_output() -> None:
         before = ours(*args)
         ours.fuse_projections()
         after = ours(*args)
-    assert not hasattr(ours.single_transformer_blocks[0], "proj_mlp")
+    assert not hasattr(ours.single_transformer_blocks[0].attn, "to_q")
+    assert hasattr(ours.single_transformer_blocks[0].attn, "to_qkv")
     assert rel_err(after, before) < 1e-6

@@ -1,5 +1,5 @@
-"""Fused GEMM epilogues for the hot path, as torch custom ops (opaque to torch.compile, so inductor calls
-them as one kernel instead of splitting the GEMM from its activation).
+"""Fusions for the hot path: GEMM epilogues as torch custom ops (opaque to torch.compile, so inductor calls
+them as one kernel instead of splitting the GEMM from its activation), and concatenated projections.
 
 `linear_gelu_tanh(x, w, b)` = gelu_tanh(x @ w.T + b). On CUDA it is one cuBLASLt GEMM whose epilogue adds
 the bias and applies GELU (cuBLASLt's GELU epilogue is the tanh approximation) before the result is
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @torch.library.custom_op("diffserve::linear_gelu_tanh", mutates_args=())
@@ -28,3 +29,14 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 @linear_gelu_tanh.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.no_grad()
+def concat_linears(*parts: nn.Linear) -> nn.Linear:
+    """One Linear computing the concatenation of `parts`' outputs (all read the same input): one GEMM
+    instead of several narrower ones."""
+    w = torch.cat([p.weight for p in parts], dim=0)
+    fused = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+    fused.weight.copy_(w)
+    fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused.requires_grad_(False)

@@ -24,8 +24,12 @@ def rope_nd(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved (real, imag) pairs. x (B, L, H, D); cos/sin (L, D) float32."""
-    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2)
-    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    """Rotate interleaved (real, imag) pairs. x (B, L, H, D); cos/sin (L, D) float32.
+
+    Written as x * cos + swap_pairs(x) * (-sin, +sin, ...): element-wise with a neighbour swap, which
+    torch.compile turns into one coalesced pass (the unbind/stack form of the same math compiled to a
+    kernel several times slower). Bit-identical to (x0 * cos - x1 * sin, x1 * cos + x0 * sin) per pair."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    sign = torch.tensor([-1.0, 1.0], device=x.device).repeat(x.shape[-1] // 2)
+    cos, sin = cos[None, :, None, :], (sin * sign)[None, :, None, :]
+    return (x.float() * cos + swapped.float() * sin).to(x.dtype)

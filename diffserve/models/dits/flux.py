@@ -16,7 +16,7 @@ from torch import nn
 
 from diffserve.layers.attention import AttentionOp
 from diffserve.layers.embeddings import FeedForward, GeluProj, MLPEmbedder, timestep_features
-from diffserve.layers.fused import linear_gelu_tanh
+from diffserve.layers.fused import concat_linears, linear_gelu_tanh
 from diffserve.layers.rope import apply_rope_interleaved, rope_nd
 from diffserve.models.dits.config import config_from_dict, config_from_json
 
@@ -46,15 +46,6 @@ class FluxConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> FluxConfig:
         return config_from_json(cls, path, tuple_fields=("axes_dims_rope",))
-
-
-def _fused_linear(*parts: nn.Linear) -> nn.Linear:
-    """One Linear computing the concatenation of `parts`' outputs (same input width)."""
-    w = torch.cat([p.weight for p in parts], dim=0)
-    fused = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
-    fused.weight.copy_(w)
-    fused.bias.copy_(torch.cat([p.bias for p in parts]))
-    return fused.requires_grad_(False)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -193,18 +184,11 @@ class FluxSingleBlock(nn.Module):
         """h (B, T+N, C)."""
         shift, scale, gate = self.norm(temb)
         n = modulate(layer_norm(h), shift, scale)
-        if hasattr(self, "to_qkv_mlp"):  # fused by `fuse_projections`: one GEMM for q, k, v and the MLP
-            inner = self.attn.heads * self.attn.head_dim
-            q, k, v, m = self.to_qkv_mlp(n).split([inner, inner, inner, self.to_qkv_mlp.out_features - 3 * inner], -1)
-            a = self.attn
-            qkv = a.norm_q(a._heads(q)), a.norm_k(a._heads(k)), a._heads(v)
-            mlp = F.gelu(m, approximate="tanh")
+        qkv = self.attn.qkv(n)
+        if self.epilogue:
+            mlp = linear_gelu_tanh(n, self.proj_mlp.weight, self.proj_mlp.bias)
         else:
-            qkv = self.attn.qkv(n)
-            if self.epilogue:
-                mlp = linear_gelu_tanh(n, self.proj_mlp.weight, self.proj_mlp.bias)
-            else:
-                mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
+            mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
         attn_out = self.attn.attend(*qkv, rope)
         if hasattr(self, "proj_out_attn"):  # split by `split_proj_out`
             out = self.proj_out_attn(attn_out) + self.proj_out_mlp(mlp)
@@ -289,18 +273,18 @@ class FluxTransformer(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
-        """Concatenate projections that read the same input into one Linear each (a layout change after
-        loading; the math is unchanged): q/k/v of each stream of the double blocks, and q/k/v plus the MLP
-        input projection of the single blocks."""
+        """Concatenate the q/k/v projections of each stream into one Linear (a layout change after loading;
+        the math is unchanged): one GEMM of width 3C instead of three of width C. The single blocks' MLP
+        input projection stays apart, so `fuse_epilogues` can put its GELU in the GEMM's epilogue."""
         for block in self.transformer_blocks:
             a = block.attn
-            a.to_qkv = _fused_linear(a.to_q, a.to_k, a.to_v)
-            a.to_added_qkv = _fused_linear(a.add_q_proj, a.add_k_proj, a.add_v_proj)
+            a.to_qkv = concat_linears(a.to_q, a.to_k, a.to_v)
+            a.to_added_qkv = concat_linears(a.add_q_proj, a.add_k_proj, a.add_v_proj)
             del a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj
         for block in self.single_transformer_blocks:
             a = block.attn
-            block.to_qkv_mlp = _fused_linear(a.to_q, a.to_k, a.to_v, block.proj_mlp)
-            del a.to_q, a.to_k, a.to_v, block.proj_mlp
+            a.to_qkv = concat_linears(a.to_q, a.to_k, a.to_v)
+            del a.to_q, a.to_k, a.to_v
 
     @torch.no_grad()
     def fuse_epilogues(self) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from diffserve.layers.attention import AttentionOp
 from diffserve.layers.embeddings import FeedForward, GeluProj, MLPEmbedder, timestep_features
+from diffserve.layers.fused import concat_linears
 from diffserve.layers.rope import apply_rope_interleaved, rope_1d
 from diffserve.models.dits.config import config_from_dict, config_from_json
 
@@ -290,9 +291,13 @@ class WanAttention(nn.Module):
     def self_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C); RoPE on q and k. Under sequence parallelism N is this rank's shard and
         the AttentionOp's parallel wrapper exchanges tokens."""
-        q = apply_rope_interleaved(self._heads(self.norm_q(self.to_q(x))), *rope)
-        k = apply_rope_interleaved(self._heads(self.norm_k(self.to_k(x))), *rope)
-        v = self._heads(self.to_v(x))
+        if hasattr(self, "to_qkv"):  # fused by `WanTransformer.fuse_projections`
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        q = apply_rope_interleaved(self._heads(self.norm_q(q)), *rope)
+        k = apply_rope_interleaved(self._heads(self.norm_k(k)), *rope)
+        v = self._heads(v)
         out = self.attn(q, k, v).flatten(2).to(q.dtype)
         return self.to_out[0](out)
 
@@ -303,8 +308,8 @@ class WanAttention(nn.Module):
         rank, so this is always the local kernel (`attn.local`), never the sequence-parallel wrapper.
         """
         q = self._heads(self.norm_q(self.to_q(x)))
-        k = self._heads(self.norm_k(self.to_k(ctx)))
-        v = self._heads(self.to_v(ctx))
+        k, v = self.to_kv(ctx).chunk(2, dim=-1) if hasattr(self, "to_kv") else (self.to_k(ctx), self.to_v(ctx))
+        k, v = self._heads(self.norm_k(k)), self._heads(v)
         out = self.attn.local(q, k, v).flatten(2).to(q.dtype)
         if img is not None and self.add_k_proj is not None:
             k_img = self._heads(self.norm_added_k(self.add_k_proj(img)))
@@ -426,6 +431,15 @@ class WanTransformer(nn.Module):
         """Final AdaLN and projection: (B, N, C) -> (B, N, pt*ph*pw*C_out)."""
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)  # (B, 1, C) each
         return self.proj_out(modulated_norm(tokens, shift, scale, self.cfg.eps))
+
+    def fuse_projections(self) -> None:
+        """Concatenate projections that read the same input (a layout change after loading; the math is
+        unchanged): self-attention q/k/v into one GEMM of width 3C, cross-attention k/v into one of 2C."""
+        for block in self.blocks:
+            a1, a2 = block.attn1, block.attn2
+            a1.to_qkv = concat_linears(a1.to_q, a1.to_k, a1.to_v)
+            a2.to_kv = concat_linears(a2.to_k, a2.to_v)
+            del a1.to_q, a1.to_k, a1.to_v, a2.to_k, a2.to_v
 
     def fuse_epilogues(self) -> None:
         """Kernel-level fusion (the function is unchanged, in bf16 up to rounding): each block's FFN input

@@ -1,0 +1,109 @@
+"""The lossless kernel-level transforms: the GEMM+GELU epilogue op, split and concatenated projections, and
+the RoPE rewrite. Each keeps the function: fp32 outputs equal the untransformed model's (and diffusers')."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+
+from diffserve.engine.optimize import compile_blocks
+from diffserve.layers.fused import concat_linears, linear_gelu_tanh
+from diffserve.layers.rope import apply_rope_interleaved
+from diffserve.models.dits.flux import FluxConfig, FluxTransformer
+from diffserve.models.dits.wan import WanConfig, WanTransformer
+from tests.test_flux_transformer import TINY as FLUX_TINY
+from tests.test_flux_transformer import _inputs as flux_inputs
+from tests.test_wan_transformer import T2V as WAN_TINY
+from tests.test_wan_transformer import _inputs as wan_inputs
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_linear_gelu_tanh_is_linear_then_tanh_gelu() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 8, generator=g), torch.randn(12, 8, generator=g), torch.randn(12, generator=g)
+    expected = F.gelu(F.linear(x, w, b), approximate="tanh")
+    assert torch.equal(linear_gelu_tanh(x, w, b), expected)
+    assert linear_gelu_tanh(x, w, b).shape == (2, 5, 12)
+    # the exact (erf) GELU differs: the op is the tanh approximation on every device
+    assert (linear_gelu_tanh(x, w, b) - F.gelu(F.linear(x, w, b))).abs().max() > 0
+    compiled = torch.compile(lambda x: linear_gelu_tanh(x, w, b) * 2, fullgraph=True)
+    assert torch.allclose(compiled(x), expected * 2, rtol=1e-6, atol=1e-6)
+
+
+def test_concat_linears() -> None:
+    parts = [torch.nn.Linear(6, n) for n in (4, 5)]
+    x = torch.randn(3, 6)
+    fused = concat_linears(*parts)
+    assert torch.allclose(fused(x), torch.cat([p(x) for p in parts], -1), atol=1e-6)
+
+
+def test_rope_is_the_pairwise_rotation_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(0)
+    angles = torch.randn(7, 4, generator=g)
+    cos, sin = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 7, 3, 8, generator=g).to(dtype)
+        x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+        c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
+        expected = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).flatten(-2).to(dtype)
+        assert torch.equal(apply_rope_interleaved(x, cos, sin), expected)
+
+
+def _flux_pair() -> tuple[FluxTransformer2DModel, FluxTransformer]:
+    torch.manual_seed(0)
+    ref = FluxTransformer2DModel(**FLUX_TINY, guidance_embeds=True).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    with torch.device("meta"):
+        ours = FluxTransformer(FluxConfig(**FLUX_TINY, guidance_embeds=True))
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return ref, ours.eval()
+
+
+def test_flux_fused_transforms_keep_the_output_eager_and_compiled() -> None:
+    ref, ours = _flux_pair()
+    inp = flux_inputs(torch.float32)
+    args = (inp["hidden_states"], inp["encoder_hidden_states"], inp["pooled_projections"], inp["timestep"],
+            inp["img_ids"], inp["txt_ids"], inp["guidance"])
+    with torch.no_grad():
+        expected = ref(**inp, return_dict=False)[0]
+        ours.fuse_projections()
+        ours.fuse_epilogues()
+        block = ours.single_transformer_blocks[0]
+        assert not hasattr(block, "proj_out") and block.proj_out_mlp.bias is None and block.epilogue
+        assert all(b.ff.net[0].epilogue and b.ff_context.net[0].epilogue for b in ours.transformer_blocks)
+        eager = ours(*args)
+        compile_blocks(ours)
+        compiled = ours(*args)
+    assert rel_err(eager, expected) < 1e-6
+    assert rel_err(compiled, expected) < 1e-5
+
+
+def test_wan_fused_transforms_keep_the_output_eager_and_compiled() -> None:
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(**WAN_TINY).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    with torch.device("meta"):
+        ours = WanTransformer(WanConfig(**WAN_TINY))
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    ours.eval()
+    inp = wan_inputs("t2v", WAN_TINY)
+    args = (inp["hidden_states"], inp["timestep"], inp["encoder_hidden_states"], None)
+    with torch.no_grad():
+        expected = ref(**inp, return_dict=False)[0]
+        ours.fuse_projections()
+        ours.fuse_epilogues()
+        assert hasattr(ours.blocks[0].attn1, "to_qkv") and hasattr(ours.blocks[0].attn2, "to_kv")
+        assert not hasattr(ours.blocks[0].attn1, "to_q")
+        eager = ours(*args)
+        compile_blocks(ours)
+        compiled = ours(*args)
+    assert rel_err(eager, expected) < 1e-6
+    assert rel_err(compiled, expected) < 1e-5
