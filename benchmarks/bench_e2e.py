@@ -95,13 +95,14 @@ def profile_one_step(fn, path: Path | None, title: str = "") -> None:
 def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: Path | None = None,
                   device: str = "cuda", dtype: str = "bf16",
                   count_flops: bool = False) -> tuple[Run, np.ndarray, roofline.StepFlops | None]:
-    """`name` is "diffserve" plus options: "+compile", "+fuse" (fused projections), "+vaebf16",
-    "[BACKEND]" (attention backend). With `count_flops`, also the FLOPs of one denoising step."""
+    """`name` is "diffserve" plus options: "+compile", "+nofuse" (without the lossless kernel fusions the
+    engine applies by default on CUDA: the unoptimised path), "+vaebf16", "[BACKEND]" (attention backend).
+    With `count_flops`, also the FLOPs of one denoising step."""
     from diffserve import Engine
 
     backend = name.split("[")[1].rstrip("]") if "[" in name else None
     engine = Engine.from_pretrained(str(repo), dtype=dtype, device=device, compile="+compile" in name,
-                                    attention_backend=backend, fuse_projections="+fuse" in name,
+                                    attention_backend=backend, fuse=False if "+nofuse" in name else None,
                                     vae_dtype="bf16" if "+vaebf16" in name else None)
     params = dict(height=w.height, width=w.width, guidance_scale=w.guidance, seed=0)
     if w.num_frames:
@@ -201,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: the workload's)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--engines", default="diffserve,diffusers",
-                    help="comma list of: diffserve, diffserve+compile, diffserve[BACKEND], diffusers, "
-                         "diffusers+compile")
+                    help="comma list of: diffserve (options joined by +: compile, nofuse, vaebf16; "
+                         "[BACKEND] for the attention kernel), diffusers, diffusers+compile")
     ap.add_argument("--profile", type=Path, default=None, help="append one-step kernel tables to this file")
     ap.add_argument("--benchmarks", type=Path, default=None,
                     help="append one row per engine to this file's harness table (BENCHMARKS.md)")
@@ -260,10 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
                                      "attention": {k: _tflops(v) for k, v in ceil.attention_by_backend.items()},
                                      "attention_shape_BLqLkHD": list(ceil.attention_shape)}
         report["roofline"] = {r.engine: roofline.roofline_fields(r.per_step_s, flops, ceil) for r in runs}
-    if "diffserve" in outs:  # lossless check: every variant against the plain diffserve path
-        plain = outs["diffserve"].astype(float)
+    plain_name = next((n for n in ("diffserve+nofuse", "diffserve") if n in outs), None)
+    if plain_name:  # lossless check: every variant against the unoptimised diffserve path
+        plain = outs[plain_name].astype(float)
+        report["lossless_reference"] = plain_name
         report["output_mean_abs_diff_255_vs_diffserve"] = {
-            k: float(np.abs(v.astype(float) - plain).mean()) for k, v in outs.items() if k != "diffserve"}
+            k: float(np.abs(v.astype(float) - plain).mean()) for k, v in outs.items() if k != plain_name}
     if "diffusers" in outs:
         ref = outs["diffusers"].astype(float)
         report["output_mean_abs_diff_255_vs_diffusers"] = {

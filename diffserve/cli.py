@@ -25,8 +25,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="attention kernel (default: the fastest one for the device)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the repeated transformer blocks (slower start, faster steps)")
-    g.add_argument("--fuse-projections", action="store_true",
-                   help="merge projections that read the same input into one matrix multiply (same math)")
+    g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="lossless kernel fusions: projections that read the same input as one matrix multiply, "
+                        "GELU inside the matrix multiply (default: on for CUDA)")
     g.add_argument("--vae-dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="VAE precision (default: the reference's: fp32 for Wan, the model dtype for FLUX)")
     par = p.add_argument_group("multi-GPU (docs/PARALLEL.md)")
@@ -93,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_path = resolve_model_arg(args.model_path, "video" if wants_video else "image")
     engine = Engine.from_pretrained(model_path, dtype=args.dtype, device=args.device,
                                     attention_backend=args.attention_backend, compile=args.compile,
-                                    fuse_projections=args.fuse_projections, vae_dtype=args.vae_dtype,
+                                    fuse=args.fuse, vae_dtype=args.vae_dtype,
                                     parallel=parallel_config_from_args(args))
     if args.compile:
         from diffserve.engine.optimize import compile_cache_dir

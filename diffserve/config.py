@@ -51,7 +51,9 @@ class EngineConfig:
     device: torch.device = field(default_factory=default_device)
     attention_backend: str | None = None  # None: the fastest one for the device
     compile: bool = False  # regional torch.compile of the repeated transformer blocks
-    fuse_projections: bool = False  # one GEMM for projections that read the same input (lossless)
+    # Lossless kernel fusions (models' `fuse_projections` and `fuse_epilogues`: concatenated projections, GELU in
+    # the GEMM epilogue); None = on for CUDA, off elsewhere (on the CPU they gain nothing). See DESIGN-NOTES.
+    fuse: bool | None = None
     vae_dtype: torch.dtype | None = None  # None: the reference's choice (fp32 for Wan, engine dtype for FLUX)
 
 

@@ -3,6 +3,8 @@ the RoPE rewrite. Each keeps the function: fp32 outputs equal the untransformed 
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
@@ -32,6 +34,17 @@ def test_linear_gelu_tanh_is_linear_then_tanh_gelu() -> None:
     assert (linear_gelu_tanh(x, w, b) - F.gelu(F.linear(x, w, b))).abs().max() > 0
     compiled = torch.compile(lambda x: linear_gelu_tanh(x, w, b) * 2, fullgraph=True)
     assert torch.allclose(compiled(x), expected * 2, rtol=1e-6, atol=1e-6)
+
+
+def test_flop_counter_counts_the_fused_op_as_its_gemm() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, b = torch.randn(2, 5, 8), torch.randn(12, 8), torch.randn(12)
+    with FlopCounterMode(display=False) as fused:
+        linear_gelu_tanh(x, w, b)
+    with FlopCounterMode(display=False) as plain:
+        F.linear(x, w, b)
+    assert fused.get_total_flops() == plain.get_total_flops() == 2 * 10 * 8 * 12
 
 
 def test_concat_linears() -> None:
@@ -107,3 +120,27 @@ def test_wan_fused_transforms_keep_the_output_eager_and_compiled() -> None:
         compiled = ours(*args)
     assert rel_err(eager, expected) < 1e-6
     assert rel_err(compiled, expected) < 1e-5
+
+
+@pytest.mark.parametrize("repo_fixture", ["flux_dev_repo", "wan_t2v_repo"])
+def test_engine_fuse_option(repo_fixture: str, request: pytest.FixtureRequest) -> None:
+    """Off by default on the CPU; `fuse=True` applies both fusions and keeps the picture; the CLI flag too."""
+    from diffserve import Engine
+    from diffserve.cli import build_parser
+
+    repo = str(request.getfixturevalue(repo_fixture))
+    kw = dict(height=32, width=32, num_inference_steps=2, seed=0)
+    if repo_fixture == "wan_t2v_repo":
+        kw["num_frames"] = 5
+    plain = Engine.from_pretrained(repo, dtype="fp32", device="cpu")
+    fused = Engine.from_pretrained(repo, dtype="fp32", device="cpu", fuse=True)
+    t_plain, t_fused = plain.pipeline.components.transformer, fused.pipeline.components.transformer
+    assert not any(isinstance(m, torch.nn.Linear) and n.endswith("to_qkv") for n, m in t_plain.named_modules())
+    assert any(n.endswith("to_qkv") for n, _ in t_fused.named_modules())
+    a, b = plain.generate("a red circle", **kw), fused.generate("a red circle", **kw)
+    pa = np.asarray(a.images[0] if a.images else a.videos[0], dtype=int)
+    pb = np.asarray(b.images[0] if b.images else b.videos[0], dtype=int)
+    assert np.abs(pa - pb).max() <= 1
+    args = build_parser().parse_args(["generate", "--model-path", repo, "--prompt", "x", "--no-fuse"])
+    assert args.fuse is False
+    assert build_parser().parse_args(["generate", "--model-path", repo, "--prompt", "x"]).fuse is None

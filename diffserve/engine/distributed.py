@@ -82,7 +82,7 @@ class WorkerSpec:
     parallel: ParallelConfig  # resolved
     compile: bool = False
     timeout_s: float = 1800.0
-    fuse_projections: bool = False
+    fuse: bool | None = None
     vae_dtype: torch.dtype | None = None
 
 
@@ -223,7 +223,7 @@ class RankRuntime:
         """Load the model on `device`, cut the process groups, apply the layout. Collective."""
         engine = Engine(EngineConfig(model_path=spec.model_path, dtype=spec.dtype, device=device,
                                      attention_backend=spec.attention_backend, compile=spec.compile,
-                                     fuse_projections=spec.fuse_projections, vae_dtype=spec.vae_dtype))
+                                     fuse=spec.fuse, vae_dtype=spec.vae_dtype))
         heads = engine.pipeline.components.transformer.cfg.num_attention_heads  # type: ignore[attr-defined]
         groups = build_mesh_groups(spec.parallel.resolve(heads))
         parallelize_pipeline(engine.pipeline, engine.attention, groups)

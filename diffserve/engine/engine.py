@@ -59,8 +59,10 @@ class Engine:
         self.attention = AttentionOp(backend)
         self.pipeline: ComposedPipeline = build_pipeline(self.index, config, self.attention)
         transformer = self.pipeline.components.transformer  # type: ignore[union-attr]
-        if config.fuse_projections and hasattr(transformer, "fuse_projections"):
-            transformer.fuse_projections()
+        if config.fuse if config.fuse is not None else config.device.type == "cuda":
+            from diffserve.engine.optimize import fuse_kernels
+
+            fuse_kernels(transformer)
         self.compiled_blocks = 0
         if config.compile:
             from diffserve.engine.optimize import compile_blocks
@@ -71,7 +73,7 @@ class Engine:
     def from_pretrained(cls, model_path: str | None = None, *, dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attention_backend: str | None = None,
                         compile: bool = False, parallel: ParallelConfig | None = None,
-                        fuse_projections: bool = False,
+                        fuse: bool | None = None,
                         vae_dtype: str | torch.dtype | None = None) -> Engine | ParallelEngine:
         """Load a model. With `parallel` asking for more than one process (or in a torchrun world of
         several) the engine is a `ParallelEngine` with the same API; see docs/PARALLEL.md."""
@@ -83,11 +85,11 @@ class Engine:
         if needs_parallel_engine(parallel):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
                                                   attention_backend=attention_backend, parallel=parallel,
-                                                  fuse_projections=fuse_projections, vae_dtype=vae_dtype)
+                                                  fuse=fuse, vae_dtype=vae_dtype)
         dev = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
-                                compile=compile, fuse_projections=fuse_projections,
+                                compile=compile, fuse=fuse,
                                 vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None))
 
     @property

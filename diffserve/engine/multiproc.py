@@ -193,7 +193,7 @@ class ParallelEngine:
     def from_pretrained(cls, model_path: str, *, dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attention_backend: str | None = None,
                         compile: bool = False, parallel: ParallelConfig | None = None,
-                        timeout_s: float = 1800.0, fuse_projections: bool = False,
+                        timeout_s: float = 1800.0, fuse: bool | None = None,
                         vae_dtype: str | torch.dtype | None = None) -> ParallelEngine:
         """Start the ranks (or join torchrun's) and load the model on each. Layout errors are raised here
         as ParallelConfigError before any process starts."""
@@ -213,11 +213,11 @@ class ParallelEngine:
         resolved = parallel.resolve(model_heads(model_path))
         spec = WorkerSpec(model_path=model_path, dtype=dt, device_type=dev.type,
                           attention_backend=attention_backend, parallel=resolved, compile=compile,
-                          timeout_s=timeout_s, fuse_projections=fuse_projections,
+                          timeout_s=timeout_s, fuse=fuse,
                           vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None)
         config = EngineConfig(model_path=model_path, dtype=dt, device=torch.device(dev.type),
                               attention_backend=attention_backend, compile=compile,
-                              fuse_projections=fuse_projections, vae_dtype=spec.vae_dtype)
+                              fuse=fuse, vae_dtype=spec.vae_dtype)
         if env is None:
             return cls(_SpawnedWorld(spec), config)
         return cls(_join_torchrun(spec, env), config)

@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     worker = WorkerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
                           attention_backend=args.attention_backend, compile=getattr(args, "compile", False),
-                          fuse_projections=args.fuse_projections, vae_dtype=args.vae_dtype,
+                          fuse=args.fuse, vae_dtype=args.vae_dtype,
                           parallel=parallel_config_from_args(args),
                           fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
     config = ServerConfig(

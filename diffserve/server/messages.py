@@ -25,7 +25,7 @@ class WorkerConfig:
     device: str | None = None
     attention_backend: str | None = None
     compile: bool = False
-    fuse_projections: bool = False
+    fuse: bool | None = None
     vae_dtype: str | None = None
     parallel: object | None = None  # a diffserve.parallel.mesh.ParallelConfig for multi-GPU engines
     fault_injection: bool = False  # test hook, see diffserve.server.worker

@@ -205,7 +205,7 @@ def _load(cfg: WorkerConfig, events: Connection) -> object | None:
     try:
         engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,
                                         attention_backend=cfg.attention_backend, compile=cfg.compile,
-                                        fuse_projections=cfg.fuse_projections, vae_dtype=cfg.vae_dtype,
+                                        fuse=cfg.fuse, vae_dtype=cfg.vae_dtype,
                                         parallel=cfg.parallel)  # type: ignore[arg-type]
     except UserError as e:
         events.send(LoadFailed(str(e), user_error=True))
