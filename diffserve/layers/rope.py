@@ -32,4 +32,4 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
     sign = torch.tensor([-1.0, 1.0], device=x.device).repeat(x.shape[-1] // 2)
     cos, sin = cos[None, :, None, :], (sin * sign)[None, :, None, :]
-    return (x.float() * cos + swapped.float() * sin).to(x.dtype)
+    return (x * cos + swapped * sin).to(x.dtype)  # bf16 * fp32 tables: computed in fp32, no cast copies
