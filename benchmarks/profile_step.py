@@ -9,7 +9,8 @@ every variant gets the same weights (diffusers' transformer too, loaded from the
 `eager` (the plain diffserve path every other variant is compared with), `diffusers`, `diffusers+compile`,
 and diffserve with "+"-joined options: `compile` (regional torch.compile), `epilogue` (the models'
 `fuse_epilogues`), `fuse` (`fuse_projections`), `graph` (the whole step captured in one CUDA graph), `oldrope` (the
-unbind/stack form of RoPE used before, same values).
+unbind/stack form of RoPE used before, same values), `modcache` (FLUX: modulations from a precomputed
+table, as the pipeline runs it).
 Writes DIR/<workload>.json and DIR/<workload>-kernels.txt.
 """
 
@@ -105,7 +106,7 @@ def build_variant(name: str, master: dict, cfg, workload: str, device: torch.dev
     from diffserve.models.dits.wan import WanTransformer
 
     opts = set(name.split("+")) - {"eager"}
-    if unknown := opts - {"compile", "epilogue", "fuse", "graph", "oldrope"}:
+    if unknown := opts - {"compile", "epilogue", "fuse", "graph", "oldrope", "modcache"}:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name!r}")
     with torch.device("meta"):
         cls = FluxTransformer if family == "flux" else WanTransformer
@@ -135,7 +136,18 @@ def _rope_unbind_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def step_fn(model, calls: list[tuple]):
+def step_fn(model, calls: list[tuple], modcache: bool = False):
+    """One denoising step. `modcache` (FLUX): the modulations come from a table computed once for a
+    28-step run, as the pipeline does (not timed: once per generation)."""
+    if modcache:
+        x, _, p, t, _, _, g = calls[0]
+        with torch.no_grad():
+            rows = model.step_modulations(t.repeat(28), p, g).rows(0, x.shape[0])
+
+        def cached():
+            return [model(*calls[0], modulation=rows)]
+        return cached
+
     def step():
         return [model(*c) for c in calls]
     return step
@@ -302,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         entry: dict = {}
         try:
             model = build_variant(name, master, meta_model.cfg, args.workload, dev, args.attention)
-            step = step_fn(model, calls)
+            step = step_fn(model, calls, modcache="modcache" in name.split("+"))
             with torch.no_grad():
                 outs = [o.clone() for o in step()]
                 _sync()

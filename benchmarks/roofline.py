@@ -50,7 +50,9 @@ class StepFlops:
 
 def count_step_flops(transformer: torch.nn.Module, attention, generate: Callable[[], object]) -> StepFlops:
     """FLOPs of the calls of `transformer` (whose attention seam is `attention`, an ``AttentionOp``) made by
-    `generate()`: one denoising step's worth, e.g. a one-step generation."""
+    `generate()`: one denoising step's worth, e.g. a one-step generation. Work a model hoists out of its
+    steps (FLUX's `step_modulations`, computed once per generation) is counted too: in a one-step
+    generation it is exactly that step's share."""
     from torch.utils.flop_counter import FlopCounterMode
 
     tally = StepFlops()
@@ -79,11 +81,26 @@ def count_step_flops(transformer: torch.nn.Module, attention, generate: Callable
             inside_attention[0] += active[-1].get_total_flops() - before
         return out
 
+    hoisted = [name for name in ("step_modulations",) if hasattr(transformer, name)]
+    originals = {name: getattr(transformer, name) for name in hoisted}
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            with FlopCounterMode(display=False) as counter:
+                out = fn(*args, **kwargs)
+            tally.matmul += counter.get_total_flops()
+            return out
+        return call
+
     transformer.forward, attention.local = forward, local
+    for name, fn in originals.items():
+        setattr(transformer, name, counted(fn))
     try:
         generate()
     finally:
         del transformer.forward, attention.local  # back to the class attributes
+        for name in originals:
+            delattr(transformer, name)
     return tally
 
 

@@ -83,7 +83,8 @@ def test_harness_reports_roofline_and_appends_rows(flux_dev_repo: Path, tmp_path
                              "--steps", "2", "--out", str(out), "--benchmarks", str(bench)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert [r["engine"] for r in report["runs"]] == ["diffserve", "diffusers"]
-    assert report["output_mean_abs_diff_255_vs_diffusers"] == {"diffserve": 0.0}  # same weights, same seed
+    # same weights, same seed; FLUX computes all steps' modulations in one GEMM (rounding differs in the last bit)
+    assert report["output_mean_abs_diff_255_vs_diffusers"]["diffserve"] < 0.01
     flops = report["step_flops"]
     assert flops["matmul"] > 0 and flops["attention"] > 0
     assert report["ceilings_tflops"]["matmul"] > 0 and report["ceilings_tflops"]["attention"]["sdpa"] > 0

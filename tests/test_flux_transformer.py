@@ -110,3 +110,24 @@ def test_fused_projections_keep_the_output() -> None:
     assert not hasattr(ours.single_transformer_blocks[0].attn, "to_q")
     assert hasattr(ours.single_transformer_blocks[0].attn, "to_qkv")
     assert rel_err(after, before) < 1e-6
+
+
+def test_step_modulations_equal_the_per_step_ones() -> None:
+    """The pipeline computes every step's AdaNorm outputs in one pass; row block i equals what forward
+    computes from step i's timestep, and forward given those rows returns the same velocity."""
+    _, ours = _pair(True)
+    inp = _inputs(torch.float32)
+    steps = torch.tensor([1.0, 0.75, 0.4])
+    batch = inp["pooled_projections"].shape[0]
+    with torch.no_grad():
+        table = ours.step_modulations(steps, inp["pooled_projections"], inp["guidance"])
+        for i, t in enumerate(steps):
+            ts = t.expand(batch)
+            temb = ours.time_text_embed(ts * 1000, inp["pooled_projections"], inp["guidance"] * 1000)
+            direct, rows = ours.modulation(temb), table.rows(i * batch, (i + 1) * batch)
+            for a, b in [*zip(direct.single, rows.single), (direct.out, rows.out),
+                         *((x, y) for p, q in zip(direct.double, rows.double) for x, y in zip(p, q))]:
+                assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+            args = (inp["hidden_states"], inp["encoder_hidden_states"], inp["pooled_projections"], ts,
+                    inp["img_ids"], inp["txt_ids"], inp["guidance"])
+            assert rel_err(ours(*args, modulation=rows), ours(*args)) < 1e-6

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from diffserve.layers.parallel import CommGroup, SequenceLayout, USPAttention, check_heads
-from diffserve.models.dits.flux import FluxTransformer
+from diffserve.models.dits.flux import FluxModulation, FluxTransformer
 from diffserve.models.dits.wan import WanTransformer, unpatchify
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,10 +122,11 @@ class FluxSequenceParallel(SequenceParallelDiT):
         super().__init__(model, sp, attn)
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-                 img_ids: torch.Tensor, txt_ids: torch.Tensor,
-                 guidance: torch.Tensor | None = None) -> torch.Tensor:
+                 img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
+                 modulation: FluxModulation | None = None) -> torch.Tensor:
         model: FluxTransformer = self.model
-        s = model.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance)
+        s = model.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance, with_temb=modulation is None)
+        mod = modulation if modulation is not None else model.modulation(s["temb"])
         t, n = s["text"].shape[self.text_dim], s["image"].shape[self.image_dim]
         text, image = self.shard(s["text"], self.text_dim), self.shard(s["image"], self.image_dim)
         rope = tuple(
@@ -135,8 +136,8 @@ class FluxSequenceParallel(SequenceParallelDiT):
         )
         layout = segments_layout([t, n], self.sp.size)
         with self.attn.sharded(layout, x.device):
-            out = model.blocks(image, text, s["temb"], rope)  # type: ignore[arg-type]
-        return model.head(gather_sequence(out, self.gather_dim, self.sp, n), s["temb"])
+            out = model.blocks(image, text, mod, rope)  # type: ignore[arg-type]
+        return model.head(gather_sequence(out, self.gather_dim, self.sp, n), mod)
 
 
 class WanSequenceParallel(SequenceParallelDiT):

@@ -136,11 +136,15 @@ class FluxDenoisingStage(PipelineStage):
         if model.cfg.guidance_embeds:
             guidance = torch.full((x.shape[0],), state.request.guidance_scale, device=state.device,
                                   dtype=torch.float32)
-        total = len(state.timesteps)
+        total, batch = len(state.timesteps), x.shape[0]
+        # every step's AdaNorm outputs in one pass (same values as per step; the modulation weights are
+        # read once per generation instead of once per step)
+        table = model.step_modulations(state.timesteps.to(x.dtype) / 1000, pooled, guidance)
         for i in range(total):
             state.check_cancelled()
-            t = state.timesteps[i].expand(x.shape[0]).to(x.dtype)
-            v = model(x, embeds, pooled, t / 1000, img_ids, txt_ids, guidance)
+            t = state.timesteps[i].expand(batch).to(x.dtype)
+            v = model(x, embeds, pooled, t / 1000, img_ids, txt_ids, guidance,
+                      modulation=table.rows(i * batch, (i + 1) * batch))
             x = euler_step(x, v, state.sigmas[i], state.sigmas[i + 1])
             state.step_done(i + 1, total)
         state.latents = x

@@ -58,15 +58,32 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class AdaNorm(nn.Module):
-    """SiLU -> Linear producing `n` modulation vectors (diffusers AdaLayerNormZero*/Continuous layout)."""
+    """SiLU -> Linear producing `n` modulation vectors (diffusers AdaLayerNormZero*/Continuous layout),
+    returned concatenated (B, n*C); the blocks chunk them."""
 
     def __init__(self, dim: int, n: int) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, n * dim)
         self.n = n
 
-    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(F.silu(temb)).chunk(self.n, dim=1)
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.silu(temb))
+
+
+@dataclass
+class FluxModulation:
+    """Every AdaNorm's output for some rows of conditioning: per double block (image, text) (R, 6C), per
+    single block (R, 3C), and the output norm's (R, 2C). The blocks read these instead of temb, so a
+    sampler can compute them for all its steps in one pass (`FluxTransformer.step_modulations`): the
+    ~3.2 B modulation weights are then read once per generation, not once per step."""
+
+    double: list[tuple[torch.Tensor, torch.Tensor]]
+    single: list[torch.Tensor]
+    out: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> FluxModulation:
+        return FluxModulation([(a[start:stop], b[start:stop]) for a, b in self.double],
+                              [m[start:stop] for m in self.single], self.out[start:stop])
 
 
 class QKNorm(nn.Module):
@@ -135,11 +152,12 @@ class FluxDoubleBlock(nn.Module):
         self.ff = FeedForward(dim, 4 * dim)
         self.ff_context = FeedForward(dim, 4 * dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor,
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor, c_mod: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, N, C) image stream, c (B, T, C) text stream, temb (B, C)."""
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
-        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+        """x (B, N, C) image stream, c (B, T, C) text stream; mod, c_mod (B, 6C): norm1's and
+        norm1_context's outputs."""
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod.chunk(6, dim=1)
         q, k, v = self.attn.qkv(modulate(layer_norm(x), shift, scale))
         cq, ck, cv = self.attn.added_qkv(modulate(layer_norm(c), c_shift, c_scale))
         out = self.attn.attend(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1), rope)
@@ -180,9 +198,9 @@ class FluxSingleBlock(nn.Module):
         self.proj_out_mlp.weight.copy_(w[:, inner:])
         del self.proj_out
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """h (B, T+N, C)."""
-        shift, scale, gate = self.norm(temb)
+    def forward(self, h: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """h (B, T+N, C); mod (B, 3C): the block's norm output."""
+        shift, scale, gate = mod.chunk(3, dim=1)
         n = modulate(layer_norm(h), shift, scale)
         qkv = self.attn.qkv(n)
         if self.epilogue:
@@ -239,36 +257,57 @@ class FluxTransformer(nn.Module):
     # Sequence parallelism: after `embed`, the text stream (B, T, C) and the image stream (B, N, C) are each
     # split along their sequence; a rank holds [text shard; image shard] and the RoPE rows of exactly those
     # tokens, in that order. `blocks` runs on the shards (joint attention goes through the AttentionOp's
-    # parallel wrapper; temb is replicated); the image shards are gathered before `head`.
+    # parallel wrapper; temb and the modulations are replicated); the image shards are gathered before `head`.
     SEQUENCE_PARALLEL: ClassVar[dict] = {"split": {"text": 1, "image": 1, "rope": 0}, "replicated": ("temb",),
                                          "gather": {"head": 1}}
 
     def embed(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-              img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None) -> dict:
-        """Inputs -> what the blocks consume: image tokens (B, N, C), text tokens (B, T, C), temb (B, C),
-        rope cos/sin over [text; image] (T+N, D)."""
+              img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None,
+              with_temb: bool = True) -> dict:
+        """Inputs -> what the blocks consume: image tokens (B, N, C), text tokens (B, T, C), temb (B, C)
+        (None unless `with_temb`: not needed when the modulations are precomputed), rope cos/sin over
+        [text; image] (T+N, D)."""
         x = self.x_embedder(x)
-        t = timestep.to(x.dtype) * 1000
-        g = guidance.to(x.dtype) * 1000 if (guidance is not None and self.cfg.guidance_embeds) else None
-        temb = self.time_text_embed(t, pooled, g)
+        temb = None
+        if with_temb:
+            t = timestep.to(x.dtype) * 1000
+            g = guidance.to(x.dtype) * 1000 if (guidance is not None and self.cfg.guidance_embeds) else None
+            temb = self.time_text_embed(t, pooled, g)
         c = self.context_embedder(context)
         rope = rope_nd(torch.cat([txt_ids, img_ids], dim=0), self.cfg.axes_dims_rope)
         return dict(image=x, text=c, temb=temb, rope=rope)
 
-    def blocks(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor,
+    def modulation(self, temb: torch.Tensor) -> FluxModulation:
+        """Every AdaNorm's output for conditioning rows temb (R, C)."""
+        return FluxModulation([(b.norm1(temb), b.norm1_context(temb)) for b in self.transformer_blocks],
+                              [b.norm(temb) for b in self.single_transformer_blocks], self.norm_out(temb))
+
+    def step_modulations(self, timesteps: torch.Tensor, pooled: torch.Tensor,
+                         guidance: torch.Tensor | None) -> FluxModulation:
+        """The modulations of a whole sampling run at once: timesteps (S,) as `forward` takes them, pooled
+        (B, P), guidance (B,) or None -> rows ordered step-major (step i = rows i*B to (i+1)*B). The same
+        values as `forward` computes per step (one GEMM of S*B rows per AdaNorm instead of S of B rows)."""
+        steps, batch = timesteps.shape[0], pooled.shape[0]
+        t = timesteps.to(pooled.dtype).repeat_interleave(batch) * 1000
+        g = None
+        if guidance is not None and self.cfg.guidance_embeds:
+            g = guidance.to(pooled.dtype).repeat(steps) * 1000
+        return self.modulation(self.time_text_embed(t, pooled.repeat(steps, 1), g))
+
+    def blocks(self, x: torch.Tensor, c: torch.Tensor, mod: FluxModulation,
                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Double-stream blocks on (image, text), then single-stream blocks on [text; image] (B, T+N, C).
         Returns the image part (B, N, C)."""
-        for block in self.transformer_blocks:
-            x, c = block(x, c, temb, rope)
+        for block, (m, cm) in zip(self.transformer_blocks, mod.double, strict=True):
+            x, c = block(x, c, m, cm, rope)
         h = torch.cat([c, x], dim=1)
-        for block in self.single_transformer_blocks:
-            h = block(h, temb, rope)
+        for block, m in zip(self.single_transformer_blocks, mod.single, strict=True):
+            h = block(h, m, rope)
         return h[:, c.shape[1]:]
 
-    def head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor, mod: FluxModulation) -> torch.Tensor:
         """Final AdaLN and projection: (B, N, C) -> (B, N, out_ch)."""
-        scale, shift = self.norm_out(temb.to(x.dtype))
+        scale, shift = mod.out.to(x.dtype).chunk(2, dim=1)
         return self.proj_out(modulate(layer_norm(x), shift, scale))
 
     @torch.no_grad()
@@ -300,8 +339,11 @@ class FluxTransformer(nn.Module):
             block.split_proj_out()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-                img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+                img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
+                modulation: FluxModulation | None = None) -> torch.Tensor:
         """x (B, N, in_ch) packed latents; context (B, T, joint_dim); pooled (B, pooled_dim);
-        timestep (B,) in [0, 1]; img_ids (N, 3); txt_ids (T, 3); guidance (B,) or None -> (B, N, out_ch)."""
-        s = self.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance)
-        return self.head(self.blocks(s["image"], s["text"], s["temb"], s["rope"]), s["temb"])
+        timestep (B,) in [0, 1]; img_ids (N, 3); txt_ids (T, 3); guidance (B,) or None -> (B, N, out_ch).
+        `modulation`: this step's rows of `step_modulations` (else computed here from the timestep)."""
+        s = self.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance, with_temb=modulation is None)
+        mod = modulation if modulation is not None else self.modulation(s["temb"])
+        return self.head(self.blocks(s["image"], s["text"], mod, s["rope"]), mod)
