@@ -4,10 +4,15 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee $OUT/gpu.txt
+# SM clock, power and temperature every 200 ms while the variants run (is the card power-limited under load?)
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+  --format=csv,noheader -lms 200 > $OUT/clocks.csv 2>&1 &
+SMI=$!
 FLUX_VARIANTS=${FLUX_VARIANTS:-eager,compile+epilogue+oldrope,compile+epilogue,compile+epilogue+fuse,compile+fuse,diffusers+compile}
 WAN_VARIANTS=${WAN_VARIANTS:-eager,compile+epilogue+oldrope,compile+epilogue,compile+epilogue+fuse}
 timeout 330 python3 benchmarks/profile_step.py flux-dev-1024 --variants "$FLUX_VARIANTS" --epilogue-check --out $OUT 2>&1 \
   | grep -v -i "warn\|USDT" | tee $OUT/flux_log.txt
-timeout 280 python3 benchmarks/profile_step.py wan-1.3b-480p --variants "$WAN_VARIANTS" --iters 3 --out $OUT 2>&1 \
+[ -n "$WAN_VARIANTS" ] && timeout 280 python3 benchmarks/profile_step.py wan-1.3b-480p --variants "$WAN_VARIANTS" --iters 3 --out $OUT 2>&1 \
   | grep -v -i "warn\|USDT" | tee $OUT/wan_log.txt
+kill $SMI
