@@ -9,9 +9,9 @@ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | te
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
   --format=csv,noheader -lms 200 > $OUT/clocks.csv 2>&1 &
 SMI=$!
-FLUX_VARIANTS=${FLUX_VARIANTS:-eager,compile+epilogue+oldrope,compile+epilogue,compile+epilogue+fuse,compile+fuse,diffusers+compile}
-WAN_VARIANTS=${WAN_VARIANTS:-eager,compile+epilogue+oldrope,compile+epilogue,compile+epilogue+fuse}
-timeout 330 python3 benchmarks/profile_step.py flux-dev-1024 --variants "$FLUX_VARIANTS" --epilogue-check --out $OUT 2>&1 \
+FLUX_VARIANTS=${FLUX_VARIANTS-eager,compile+epilogue+oldrope,compile+epilogue,compile+epilogue+fuse,compile+fuse,diffusers+compile}
+WAN_VARIANTS=${WAN_VARIANTS-eager,compile+epilogue+oldrope,compile+epilogue,compile+epilogue+fuse}
+[ -n "$FLUX_VARIANTS" ] && timeout 330 python3 benchmarks/profile_step.py flux-dev-1024 --variants "$FLUX_VARIANTS" --epilogue-check --out $OUT 2>&1 \
   | grep -v -i "warn\|USDT" | tee $OUT/flux_log.txt
 [ -n "$WAN_VARIANTS" ] && timeout 280 python3 benchmarks/profile_step.py wan-1.3b-480p --variants "$WAN_VARIANTS" --iters 3 --out $OUT 2>&1 \
   | grep -v -i "warn\|USDT" | tee $OUT/wan_log.txt
