@@ -144,3 +144,18 @@ def test_engine_fuse_option(repo_fixture: str, request: pytest.FixtureRequest) -
     args = build_parser().parse_args(["generate", "--model-path", repo, "--prompt", "x", "--no-fuse"])
     assert args.fuse is False
     assert build_parser().parse_args(["generate", "--model-path", repo, "--prompt", "x"]).fuse is None
+
+
+def test_fa3_placeholder_module_is_not_fa3(tmp_path, monkeypatch) -> None:
+    """PyPI's flash-attn-interface 0.0.1 is an empty module of FA3's name: the engine must not pick it."""
+    import sys
+
+    from diffserve.layers.attention import AttentionOp, fa3_available
+
+    (tmp_path / "flash_attn_interface").mkdir()
+    (tmp_path / "flash_attn_interface" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn_interface", raising=False)
+    assert not fa3_available()
+    with pytest.raises(ValueError, match="FlashAttention 3"):
+        AttentionOp("fa3")

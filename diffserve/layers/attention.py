@@ -58,11 +58,13 @@ def _fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 def fa3_available() -> bool:
+    """Whether FlashAttention 3's `flash_attn_interface.flash_attn_func` imports. (A package of that name
+    on PyPI, flash-attn-interface 0.0.1, is an empty placeholder: having the module is not enough.)"""
     try:
-        import flash_attn_interface  # noqa: F401
+        import flash_attn_interface
     except ImportError:
         return False
-    return True
+    return callable(getattr(flash_attn_interface, "flash_attn_func", None))
 
 
 def default_backend(device: torch.device) -> str:
