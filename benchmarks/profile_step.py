@@ -10,7 +10,8 @@ every variant gets the same weights (diffusers' transformer too, loaded from the
 and diffserve with "+"-joined options: `compile` (regional torch.compile), `epilogue` (the models'
 `fuse_epilogues`), `fuse` (`fuse_projections`), `graph` (the whole step captured in one CUDA graph), `oldrope` (the
 unbind/stack form of RoPE used before, same values), `modcache` (FLUX: modulations from a precomputed
-table, as the pipeline runs it).
+table, as the pipeline runs it), `cfgbatch` (Wan: conditional and unconditional passes as one batch), `autotune` (compile with inductor's
+max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape).
 Writes DIR/<workload>.json and DIR/<workload>-kernels.txt.
 """
 
@@ -106,7 +107,8 @@ def build_variant(name: str, master: dict, cfg, workload: str, device: torch.dev
     from diffserve.models.dits.wan import WanTransformer
 
     opts = set(name.split("+")) - {"eager"}
-    if unknown := opts - {"compile", "epilogue", "fuse", "graph", "oldrope", "modcache"}:
+    if unknown := opts - {"compile", "epilogue", "fuse", "graph", "oldrope", "modcache", "cfgbatch",
+                                    "autotune"}:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name!r}")
     with torch.device("meta"):
         cls = FluxTransformer if family == "flux" else WanTransformer
@@ -124,7 +126,7 @@ def build_variant(name: str, master: dict, cfg, workload: str, device: torch.dev
     if "epilogue" in opts:
         model.fuse_epilogues()
     if "compile" in opts:
-        compile_blocks(model)
+        compile_blocks(model, mode="max-autotune-no-cudagraphs" if "autotune" in opts else None)
     return model
 
 
@@ -136,9 +138,16 @@ def _rope_unbind_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def step_fn(model, calls: list[tuple], modcache: bool = False):
+def step_fn(model, calls: list[tuple], modcache: bool = False, cfgbatch: bool = False):
     """One denoising step. `modcache` (FLUX): the modulations come from a table computed once for a
-    28-step run, as the pipeline does (not timed: once per generation)."""
+    28-step run, as the pipeline does (not timed: once per generation). `cfgbatch` (Wan): the step's
+    calls (conditional, unconditional) as one call of twice the batch; its output split back."""
+    if cfgbatch:
+        joined = tuple(torch.cat(parts) if parts[0] is not None else None for parts in zip(*calls, strict=True))
+
+        def batched():
+            return list(model(*joined).chunk(len(calls)))
+        return batched
     if modcache:
         x, _, p, t, _, _, g = calls[0]
         with torch.no_grad():
@@ -314,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
         entry: dict = {}
         try:
             model = build_variant(name, master, meta_model.cfg, args.workload, dev, args.attention)
-            step = step_fn(model, calls, modcache="modcache" in name.split("+"))
+            step = step_fn(model, calls, modcache="modcache" in name.split("+"),
+                           cfgbatch="cfgbatch" in name.split("+"))
             with torch.no_grad():
                 outs = [o.clone() for o in step()]
                 _sync()
