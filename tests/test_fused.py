@@ -7,17 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
 from diffserve.engine.optimize import compile_blocks
 from diffserve.layers.fused import concat_linears, linear_gelu_tanh
 from diffserve.layers.rope import apply_rope_interleaved
-from diffserve.models.dits.flux import FluxConfig, FluxTransformer
-from diffserve.models.dits.wan import WanConfig, WanTransformer
-from tests.test_flux_transformer import TINY as FLUX_TINY
 from tests.test_flux_transformer import _inputs as flux_inputs
+from tests.test_flux_transformer import _pair as flux_pair
 from tests.test_wan_transformer import T2V as WAN_TINY
 from tests.test_wan_transformer import _inputs as wan_inputs
+from tests.test_wan_transformer import _pair as wan_pair
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,20 +64,8 @@ def test_rope_is_the_pairwise_rotation_bit_for_bit() -> None:
         assert torch.equal(apply_rope_interleaved(x, cos, sin), expected)
 
 
-def _flux_pair() -> tuple[FluxTransformer2DModel, FluxTransformer]:
-    torch.manual_seed(0)
-    ref = FluxTransformer2DModel(**FLUX_TINY, guidance_embeds=True).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    with torch.device("meta"):
-        ours = FluxTransformer(FluxConfig(**FLUX_TINY, guidance_embeds=True))
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    return ref, ours.eval()
-
-
 def test_flux_fused_transforms_keep_the_output_eager_and_compiled() -> None:
-    ref, ours = _flux_pair()
+    ref, ours = flux_pair(True)
     inp = flux_inputs(torch.float32)
     args = (inp["hidden_states"], inp["encoder_hidden_states"], inp["pooled_projections"], inp["timestep"],
             inp["img_ids"], inp["txt_ids"], inp["guidance"])
@@ -89,6 +75,7 @@ def test_flux_fused_transforms_keep_the_output_eager_and_compiled() -> None:
         ours.fuse_epilogues()
         block = ours.single_transformer_blocks[0]
         assert not hasattr(block, "proj_out") and block.proj_out_mlp.bias is None and block.epilogue
+        assert hasattr(block.attn, "to_qkv") and not hasattr(block.attn, "to_q") and hasattr(block, "proj_mlp")
         assert all(b.ff.net[0].epilogue and b.ff_context.net[0].epilogue for b in ours.transformer_blocks)
         eager = ours(*args)
         compile_blocks(ours)
@@ -98,15 +85,7 @@ def test_flux_fused_transforms_keep_the_output_eager_and_compiled() -> None:
 
 
 def test_wan_fused_transforms_keep_the_output_eager_and_compiled() -> None:
-    torch.manual_seed(0)
-    ref = WanTransformer3DModel(**WAN_TINY).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    with torch.device("meta"):
-        ours = WanTransformer(WanConfig(**WAN_TINY))
-    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    ours.eval()
+    ref, ours = wan_pair(WAN_TINY)
     inp = wan_inputs("t2v", WAN_TINY)
     args = (inp["hidden_states"], inp["timestep"], inp["encoder_hidden_states"], None)
     with torch.no_grad():
