@@ -160,8 +160,8 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
 
 
 def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + update * gate accumulated in float32, back to x's dtype. x, update (B, N, C); gate (B, 1, C)."""
-    return (x.float() + update.float() * gate).to(x.dtype)
+    """x + update * gate accumulated in float32, back to x's dtype. x, update (B, N, C); gate (B, 1, C) float32."""
+    return (x + update * gate).to(x.dtype)  # bf16 operands promote to gate's float32: no cast copies
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
