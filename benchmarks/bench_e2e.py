@@ -95,14 +95,15 @@ def profile_one_step(fn, path: Path | None, title: str = "") -> None:
 def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: Path | None = None,
                   device: str = "cuda", dtype: str = "bf16",
                   count_flops: bool = False) -> tuple[Run, np.ndarray, roofline.StepFlops | None]:
-    """`name` is "diffserve" plus options: "+compile", "+nofuse" (without the lossless kernel fusions the
-    engine applies by default on CUDA: the unoptimised path), "+vaebf16", "[BACKEND]" (attention backend).
+    """`name` is "diffserve" plus options: "+compile", "+nofuse" / "+fuse" (without / with the lossless
+    kernel fusions, which by default follow "+compile"), "+vaebf16", "[BACKEND]" (attention backend).
     With `count_flops`, also the FLOPs of one denoising step."""
     from diffserve import Engine
 
     backend = name.split("[")[1].rstrip("]") if "[" in name else None
     engine = Engine.from_pretrained(str(repo), dtype=dtype, device=device, compile="+compile" in name,
-                                    attention_backend=backend, fuse=False if "+nofuse" in name else None,
+                                    attention_backend=backend,
+                                    fuse=False if "+nofuse" in name else (True if "+fuse" in name else None),
                                     vae_dtype="bf16" if "+vaebf16" in name else None)
     params = dict(height=w.height, width=w.width, guidance_scale=w.guidance, seed=0)
     if w.num_frames:
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: the workload's)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--engines", default="diffserve,diffusers",
-                    help="comma list of: diffserve (options joined by +: compile, nofuse, vaebf16; "
+                    help="comma list of: diffserve (options joined by +: compile, fuse, nofuse, vaebf16; "
                          "[BACKEND] for the attention kernel), diffusers, diffusers+compile")
     ap.add_argument("--profile", type=Path, default=None, help="append one-step kernel tables to this file")
     ap.add_argument("--benchmarks", type=Path, default=None,

@@ -27,7 +27,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the repeated transformer blocks (slower start, faster steps)")
     g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="lossless kernel fusions: projections that read the same input as one matrix multiply, "
-                        "GELU inside the matrix multiply (default: on for CUDA)")
+                        "GELU inside the matrix multiply (default: on with --compile on CUDA)")
     g.add_argument("--vae-dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="VAE precision (default: the reference's: fp32 for Wan, the model dtype for FLUX)")
     par = p.add_argument_group("multi-GPU (docs/PARALLEL.md)")

@@ -52,9 +52,15 @@ class EngineConfig:
     attention_backend: str | None = None  # None: the fastest one for the device
     compile: bool = False  # regional torch.compile of the repeated transformer blocks
     # Lossless kernel fusions (models' `fuse_projections` and `fuse_epilogues`: concatenated projections, GELU in
-    # the GEMM epilogue); None = on for CUDA, off elsewhere (on the CPU they gain nothing). See DESIGN-NOTES.
+    # the GEMM epilogue); None = on when compiling on CUDA (they pay off once compiled; in eager FLUX was
+    # measured slower with them, Wan faster). See DESIGN-NOTES 14.
     fuse: bool | None = None
     vae_dtype: torch.dtype | None = None  # None: the reference's choice (fp32 for Wan, engine dtype for FLUX)
+
+    @property
+    def fusions_enabled(self) -> bool:
+        """Whether the kernel fusions apply: `fuse` when set, else when compiling on CUDA."""
+        return self.fuse if self.fuse is not None else (self.compile and self.device.type == "cuda")
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,17 @@ def test_engine_fuse_option(repo_fixture: str, request: pytest.FixtureRequest) -
     assert build_parser().parse_args(["generate", "--model-path", repo, "--prompt", "x"]).fuse is None
 
 
+def test_fusions_follow_compile_on_cuda_unless_set() -> None:
+    from diffserve.config import EngineConfig
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert EngineConfig("m", device=cuda, compile=True).fusions_enabled
+    assert not EngineConfig("m", device=cuda).fusions_enabled  # eager: measured slower for FLUX
+    assert not EngineConfig("m", device=cpu, compile=True).fusions_enabled
+    assert EngineConfig("m", device=cpu, fuse=True).fusions_enabled
+    assert not EngineConfig("m", device=cuda, compile=True, fuse=False).fusions_enabled
+
+
 def test_fa3_placeholder_module_is_not_fa3(tmp_path, monkeypatch) -> None:
     """PyPI's flash-attn-interface 0.0.1 is an empty module of FA3's name: the engine must not pick it."""
     import sys

@@ -59,7 +59,7 @@ class Engine:
         self.attention = AttentionOp(backend)
         self.pipeline: ComposedPipeline = build_pipeline(self.index, config, self.attention)
         transformer = self.pipeline.components.transformer  # type: ignore[union-attr]
-        if config.fuse if config.fuse is not None else config.device.type == "cuda":
+        if config.fusions_enabled:
             from diffserve.engine.optimize import fuse_kernels
 
             fuse_kernels(transformer)
