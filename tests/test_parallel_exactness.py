@@ -49,6 +49,7 @@ FLUX_REQUEST = {"prompt": "a red fox", "height": 20, "width": 12, "num_inference
 WAN_REQUEST = {"prompt": "a red fox", "negative_prompt": "blurry", "height": 48, "width": 16, "num_frames": 9,
                "num_inference_steps": 2, "seed": 5, "max_sequence_length": 8}
 I2V_LAYOUTS = {"CFG2xU2": (2, 1, True), "U2xR2": (2, 2, False)}  # + image-token cross-attention (added K/V)
+FUSED_LAYOUTS = {"U2xR2": (2, 2, False)}  # with fuse=True (fused projections and epilogues, split proj_out)
 
 
 def _world_max(x: float) -> float:
@@ -102,11 +103,13 @@ def _outputs(engine: Engine, request: dict) -> tuple[torch.Tensor, torch.Tensor]
     return state.latents.float(), state.pixels  # type: ignore[union-attr,return-value]
 
 
-def _pipeline_errors(path: str, request: dict, layouts: dict) -> dict[str, object]:
-    ref_latents, ref_pixels = _outputs(Engine.from_pretrained(path, dtype="fp32", device="cpu"), request)
+def _pipeline_errors(path: str, request: dict, layouts: dict, fuse: bool = False) -> dict[str, object]:
+    """`fuse`: both the reference and the layouts run with the kernel fusions (the compiled GPU path's)."""
+    load = dict(dtype="fp32", device="cpu", fuse=fuse)
+    ref_latents, ref_pixels = _outputs(Engine.from_pretrained(path, **load), request)
     out: dict[str, object] = {}
     for name, (u, r, cfg) in layouts.items():
-        engine = Engine.from_pretrained(path, dtype="fp32", device="cpu")
+        engine = Engine.from_pretrained(path, **load)
         groups = build_mesh_groups(_layout(u, r, cfg).resolve())
         parallelize_pipeline(engine.pipeline, engine.attention, groups)
         latents, pixels = _outputs(engine, request)
@@ -122,6 +125,8 @@ def _exactness_worker(rank: int, out_file: str, flux: str, wan: str, i2v: str) -
     results["wan"] = _pipeline_errors(wan, WAN_REQUEST, WAN_LAYOUTS)
     image = Image.fromarray((np.random.RandomState(0).rand(24, 40, 3) * 255).astype(np.uint8))
     results["wan-i2v"] = _pipeline_errors(i2v, {**WAN_REQUEST, "image": image}, I2V_LAYOUTS)
+    results["flux-fused"] = _pipeline_errors(flux, FLUX_REQUEST, FUSED_LAYOUTS, fuse=True)
+    results["wan-fused"] = _pipeline_errors(wan, WAN_REQUEST, {"CFG2xU2": WAN_LAYOUTS["CFG2xU2"]}, fuse=True)
     engine = Engine.from_pretrained(flux, dtype="fp32", device="cpu")
     try:  # FLUX has no CFG branch
         install_cfg_parallel(engine.pipeline, build_mesh_groups(_layout(1, 1, True).resolve()).cfg,
@@ -146,7 +151,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     repos = [str(fixture_path(name)) for name in ("flux-dev", "wan-t2v", "wan-i2v")]
     spawn_world(_exactness_worker, WORLD, str(out), *repos)
     res = json.loads(out.read_text())
-    for family in ("flux", "wan", "wan-i2v"):
+    for family in ("flux", "wan", "wan-i2v", "flux-fused", "wan-fused"):
         for name, err in res[family].items():
             print(f"{family} {name}: max |latents - single| = {err['latents']:.2e}, "
                   f"max |pixels - single| = {err['pixels']:.2e}")
@@ -183,6 +188,12 @@ def test_wan_layouts_match_single_process(results: dict, layout: str) -> None:
 def test_wan_i2v_layouts_match_single_process(results: dict, layout: str) -> None:
     err = results["wan-i2v"][layout]
     assert err["latents"] < TOL and err["pixels"] < TOL, err
+
+
+@pytest.mark.parametrize("family", ["flux-fused", "wan-fused"])
+def test_fused_models_match_single_process(results: dict, family: str) -> None:
+    for name, err in results[family].items():
+        assert err["latents"] < TOL and err["pixels"] < TOL, (family, name, err)
 
 
 def test_layout_errors(results: dict) -> None:
