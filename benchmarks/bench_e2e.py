@@ -92,6 +92,29 @@ def profile_one_step(fn, path: Path | None, title: str = "") -> None:
         f.write(f"\n===== {title} =====\n{table}\n")
 
 
+def count_host_syncs(stage) -> list[int]:
+    """Wrap a pipeline stage so each of its runs counts the CUDA host synchronisations inside it (torch's
+    sync debug mode); returns the list the counts are appended to (empty off CUDA)."""
+    import warnings
+
+    counts: list[int] = []
+    if not torch.cuda.is_available():
+        return counts
+    run = stage.run
+
+    def counted(state):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return run(state)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    stage.run = counted
+    return counts
+
+
 def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: Path | None = None,
                   device: str = "cuda", dtype: str = "bf16",
                   count_flops: bool = False) -> tuple[Run, np.ndarray, roofline.StepFlops | None]:
@@ -113,6 +136,11 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: 
     _sync()
     warm = time.perf_counter() - t0
     res = engine.generate(PROMPT, num_inference_steps=steps, **params)
+    denoise = next(st for st in engine.pipeline.stages if st.name == "denoising")
+    syncs = count_host_syncs(denoise)  # one more generation, to count syncs in its denoising loop
+    if "run" in vars(denoise):
+        engine.generate(PROMPT, num_inference_steps=steps, **params)
+        del denoise.run  # back to the class's method
     one_step = functools.partial(engine.generate, PROMPT, num_inference_steps=1, **params)
     profile_one_step(one_step, profile_path, name)
     flops = None
@@ -123,6 +151,8 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: 
     stages = {k: round(v, 4) for k, v in t.items()}
     stages["warmup_s"] = round(warm, 2)
     stages["attention"] = engine.attention.backend
+    if syncs:
+        stages["host_syncs_in_denoising"] = syncs[0]
     run = Run(name, steps, t["total"], t["denoising"], t["denoising"] / steps,
               t["total"] - t["denoising"], stages, (res.peak_memory_bytes or 0) / 2**30)
     del engine

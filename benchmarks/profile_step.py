@@ -11,7 +11,7 @@ and diffserve with "+"-joined options: `compile` (regional torch.compile), `epil
 `fuse_epilogues`), `fuse` (`fuse_projections`), `graph` (the whole step captured in one CUDA graph), `oldrope` (the
 unbind/stack form of RoPE used before, same values), `modcache` (FLUX: modulations from a precomputed
 table, as the pipeline runs it), `cfgbatch` (Wan: conditional and unconditional passes as one batch), `autotune` (compile with inductor's
-max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape).
+max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape), `lt` (GEMMs through cuBLASLt).
 Writes DIR/<workload>.json and DIR/<workload>-kernels.txt.
 """
 
@@ -43,6 +43,7 @@ CATEGORIES = (  # first match wins; matched against the kernel name
     ("copy / cat", re.compile(r"copy|cat|memcpy|memset", re.IGNORECASE)),
     ("norm", re.compile(r"norm|moments", re.IGNORECASE)),
 )
+DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::_addmm_activation", "aten::bmm")
 
 
@@ -108,8 +109,10 @@ def build_variant(name: str, master: dict, cfg, workload: str, device: torch.dev
 
     opts = set(name.split("+")) - {"eager"}
     if unknown := opts - {"compile", "epilogue", "fuse", "graph", "oldrope", "modcache", "cfgbatch",
-                                    "autotune"}:
+                                    "autotune", "lt"}:
         raise SystemExit(f"unknown variant option(s) {sorted(unknown)} in {name!r}")
+    if torch.cuda.is_available():  # "lt": GEMMs through cuBLASLt's heuristics instead of cuBLAS's
+        torch.backends.cuda.preferred_blas_library("cublaslt" if "lt" in opts else DEFAULT_BLAS)
     with torch.device("meta"):
         cls = FluxTransformer if family == "flux" else WanTransformer
         model = cls(cfg, AttentionOp(attention or default_backend(device)))
