@@ -30,6 +30,6 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     torch.compile turns into one coalesced pass (the unbind/stack form of the same math compiled to a
     kernel several times slower). Bit-identical to (x0 * cos - x1 * sin, x1 * cos + x0 * sin) per pair."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
-    sign = torch.tensor([-1.0, 1.0], device=x.device).repeat(x.shape[-1] // 2)
-    cos, sin = cos[None, :, None, :], (sin * sign)[None, :, None, :]
+    signed_sin = torch.stack([-sin[:, 0::2], sin[:, 1::2]], dim=-1).flatten(-2)  # device ops only: no host copy
+    cos, sin = cos[None, :, None, :], signed_sin[None, :, None, :]
     return (x * cos + swapped * sin).to(x.dtype)  # bf16 * fp32 tables: computed in fp32, no cast copies
