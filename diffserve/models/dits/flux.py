@@ -64,7 +64,6 @@ class AdaNorm(nn.Module):
     def __init__(self, dim: int, n: int) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, n * dim)
-        self.n = n
 
     def forward(self, temb: torch.Tensor) -> torch.Tensor:
         return self.linear(F.silu(temb))
