@@ -385,6 +385,34 @@ def save_state(run, out: Path) -> None:
     atomic_torch_save(run.state(), out / "state.pt")
 
 
+def run_state(run, modules: tuple[str, ...]) -> dict:
+    """What state.pt holds for a run: its config, seed and progress, the weights of `modules` (attribute
+    names of `run`), both optimizers, the EMA and the RNG."""
+    return {"version": 1, "config": asdict(run.cfg), "seed": run.seed, "progress": asdict(run.p),
+            **{name: getattr(run, name).state_dict() for name in modules},
+            "vae_opt": run.vae_opt.state_dict() if run.vae_opt else None,
+            "dit_opt": run.dit_opt.state_dict() if run.dit_opt else None,
+            "ema": run.ema.state_dict() if run.ema else None, "gen": run.gen.get_state()}
+
+
+def config_from_state(cls: type, sd: dict, tuple_fields: set[str]) -> Any:
+    """The run's config dataclass from state.pt (lists back to tuples where the config holds tuples)."""
+    return cls(**{k: tuple(v) if k in tuple_fields else v for k, v in sd["config"].items()})
+
+
+def restore_run(run, sd: dict, modules: tuple[str, ...]) -> None:
+    """Put state.pt's weights of `modules`, progress, RNG and VAE optimizer into a freshly built `run` (the
+    transformer phase's optimizer and EMA are the trainer's to restore, after it has created them)."""
+    for name in modules:
+        getattr(run, name).load_state_dict(sd[name])
+    run.p = type(run.p)(**sd["progress"])
+    try:
+        run.gen.set_state(sd["gen"].cpu())  # a generator state is a CPU byte tensor, also for CUDA
+    except RuntimeError:  # saved on another device type (e.g. --export-only on a CPU machine)
+        log("note: the checkpoint's RNG state is from another device type; the RNG is reseeded")
+    run.vae_opt.load_state_dict(sd["vae_opt"])
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished folder `tmp` to `final`, replacing an older one."""
     old = final.with_name(final.name + ".old")

@@ -22,7 +22,7 @@ import functools
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -187,12 +187,10 @@ class Run:
         mods = {"dit": self.dit} | ({"clip": self.clip, "t5": self.t5} if self.cfg.train_text else {})
         return {f"{m}.{k}": p for m, mod in mods.items() for k, p in mod.named_parameters()}
 
+    MODULES = ("vae", "clip", "t5", "dit")
+
     def state(self) -> dict:
-        return {"version": 1, "config": asdict(self.cfg), "seed": self.seed, "progress": asdict(self.p),
-                "vae": self.vae.state_dict(), "clip": self.clip.state_dict(), "t5": self.t5.state_dict(),
-                "dit": self.dit.state_dict(), "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None,
-                "dit_opt": self.dit_opt.state_dict() if self.dit_opt else None,
-                "ema": self.ema.state_dict() if self.ema else None, "gen": self.gen.get_state()}
+        return C.run_state(self, self.MODULES)
 
 
 def new_run(cfg: ImageConfig, device: torch.device, seed: int) -> Run:
@@ -210,17 +208,9 @@ def new_run(cfg: ImageConfig, device: torch.device, seed: int) -> Run:
 
 
 def load_run(sd: dict, device: torch.device) -> Run:
-    tuples = {"vae_channels", "rope_axes"}
-    cfg = ImageConfig(**{k: tuple(v) if k in tuples else v for k, v in sd["config"].items()})
+    cfg = C.config_from_state(ImageConfig, sd, {"vae_channels", "rope_axes"})
     run = new_run(cfg, device, int(sd["seed"]))
-    for name in ("vae", "clip", "t5", "dit"):
-        getattr(run, name).load_state_dict(sd[name])
-    run.p = Progress(**sd["progress"])
-    try:
-        run.gen.set_state(sd["gen"].cpu())  # a generator state is a CPU byte tensor, also for CUDA
-    except RuntimeError:  # saved on another device type (e.g. --export-only on a CPU machine)
-        C.log("note: the checkpoint's RNG state is from another device type; the RNG is reseeded")
-    run.vae_opt.load_state_dict(sd["vae_opt"])
+    C.restore_run(run, sd, Run.MODULES)
     run.vae.register_to_config(scaling_factor=run.p.latent_scale, shift_factor=run.p.latent_shift)
     if run.p.phase == "dit":
         start_dit(run)

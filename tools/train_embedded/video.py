@@ -24,7 +24,7 @@ import functools
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -203,12 +203,10 @@ class Run:
         mods = {"dit": self.dit, "umt5": self.umt5}
         return {f"{m}.{k}": p for m, mod in mods.items() for k, p in mod.named_parameters()}
 
+    MODULES = ("vae", "umt5", "dit")
+
     def state(self) -> dict:
-        return {"version": 1, "config": asdict(self.cfg), "seed": self.seed, "progress": asdict(self.p),
-                "vae": self.vae.state_dict(), "umt5": self.umt5.state_dict(), "dit": self.dit.state_dict(),
-                "vae_opt": self.vae_opt.state_dict() if self.vae_opt else None,
-                "dit_opt": self.dit_opt.state_dict() if self.dit_opt else None,
-                "ema": self.ema.state_dict() if self.ema else None, "gen": self.gen.get_state()}
+        return C.run_state(self, self.MODULES)
 
     def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, z, 1, 1, 1) per-channel mean and std on the device."""
@@ -231,16 +229,9 @@ def new_run(cfg: VideoConfig, device: torch.device, seed: int) -> Run:
 
 
 def load_run(sd: dict, device: torch.device) -> Run:
-    cfg = VideoConfig(**{k: tuple(v) if k in _TUPLES else v for k, v in sd["config"].items()})
+    cfg = C.config_from_state(VideoConfig, sd, _TUPLES)
     run = new_run(cfg, device, int(sd["seed"]))
-    for name in ("vae", "umt5", "dit"):
-        getattr(run, name).load_state_dict(sd[name])
-    run.p = Progress(**sd["progress"])
-    try:
-        run.gen.set_state(sd["gen"].cpu())
-    except RuntimeError:
-        C.log("note: the checkpoint's RNG state is from another device type; the RNG is reseeded")
-    run.vae_opt.load_state_dict(sd["vae_opt"])
+    C.restore_run(run, sd, Run.MODULES)
     if run.p.phase == "dit":
         run.vae.register_to_config(latents_mean=run.p.latents_mean, latents_std=run.p.latents_std)
         start_dit(run)
