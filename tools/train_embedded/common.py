@@ -679,6 +679,35 @@ def dit_loop(run, pool: RingPool, ingest: Callable, feeder: Feeder, clock: Clock
 # ------------------------------------------------------------------------------------------- driver
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """The sizes and training settings both trainers' configs have (each subclass adds its own models'
+    sizes and may change a default). Stored in state.pt with the rest of the config."""
+
+    t5_dim: int = 128
+    t5_layers: int = 2
+    t5_heads: int = 4
+    t5_length: int = 0  # 0: the smallest of 32/64/128/256 that holds the training captions
+    heads: int = 6
+    head_dim: int = 32
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    dit_batch: int = 512
+    dit_lr: float = 5e-4
+    text_lr: float = 2.5e-4
+    ema_decay: float = 0.999
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    sigma_logit_std: float = 1.0
+    shift: float = 1.0  # the scheduler's shift, used alike for training and sampling
+    vae_fraction: float = 0.2  # of the first run's window
+    chunk: int = 256
+    latent_pool: int = 131072
+    min_fill: int = 8192
+    steps_default: int = 20
+
+
 @dataclass
 class Progress:
     """The counters of a run that the shared flow and loops keep (saved in state.pt); each trainer adds

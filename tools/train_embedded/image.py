@@ -37,8 +37,9 @@ CLIP_LENGTH = 77  # the pipeline pads CLIP prompts to the tokenizer's model_max_
 
 
 @dataclass(frozen=True)
-class ImageConfig:
-    """Model sizes and training settings (stored in state.pt; a resumed run keeps them)."""
+class ImageConfig(C.TrainSettings):
+    """Model sizes and training settings (stored in state.pt; a resumed run keeps them); the fields both
+    trainers share are in `common.TrainSettings`."""
 
     image_size: int = 64
     vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks: spatial factor 4
@@ -48,33 +49,13 @@ class ImageConfig:
     clip_dim: int = 64
     clip_layers: int = 2
     clip_heads: int = 2
-    t5_dim: int = 128
-    t5_layers: int = 2
-    t5_heads: int = 4
-    t5_length: int = 0  # 0: the smallest of 32/64/128/256 that holds the training captions
-    heads: int = 6
-    head_dim: int = 32
     double_blocks: int = 2
     single_blocks: int = 4
     rope_axes: tuple[int, int, int] = (4, 14, 14)
-    vae_batch: int = 64
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-4
     dit_batch: int = 512  # the eager step is launch-bound on an H100: a larger batch costs little
-    dit_lr: float = 5e-4
-    text_lr: float = 2.5e-4
     train_text: bool = True
-    ema_decay: float = 0.999
-    warmup_steps: int = 200
-    grad_clip: float = 1.0
-    sigma_logit_std: float = 1.0
     shift: float = 1.0  # scheduler shift (no dynamic shifting), used alike for training and sampling
-    vae_fraction: float = 0.2
-    chunk: int = 256
     image_pool: int = 65536
-    latent_pool: int = 131072
-    min_fill: int = 8192
-    steps_default: int = 20
     stats_images: int = 8192
 
 

@@ -38,8 +38,9 @@ REFERENCE = "Wan2.1-T2V-1.3B-Diffusers"  # the configs (model_index, scheduler, 
 
 
 @dataclass(frozen=True)
-class VideoConfig:
-    """Model sizes and training settings (stored in state.pt; a resumed run keeps them)."""
+class VideoConfig(C.TrainSettings):
+    """Model sizes and training settings (stored in state.pt; a resumed run keeps them); the fields both
+    trainers share are in `common.TrainSettings`."""
 
     size: int = 64
     frames: int = 9  # 4k + 1 frames: (frames - 1) / 4 + 1 latent frames
@@ -49,31 +50,16 @@ class VideoConfig:
     vae_res_blocks: int = 1
     temporal_down: tuple[bool, ...] = (False, True, True)  # temporal factor 4
     z_dim: int = 8
-    t5_dim: int = 128
-    t5_layers: int = 2
-    t5_heads: int = 4
-    t5_length: int = 0  # 0: the smallest of 32/64/128/256 that holds the training captions
-    heads: int = 6
-    head_dim: int = 32
     ffn_dim: int = 768
     layers: int = 6
     vae_batch: int = 128  # H200: 16 and 64 clips both ~6.5 it/s (launch-bound), 256 3 it/s
     vae_lr: float = 5e-4  # 1e-3 (batch 128) and 2e-3 (batch 256) collapsed to a constant output at ~step 200
-    kl_weight: float = 1e-4
     dit_batch: int = 256
-    dit_lr: float = 5e-4
-    text_lr: float = 2.5e-4
-    ema_decay: float = 0.999
-    warmup_steps: int = 200
-    grad_clip: float = 1.0
-    sigma_logit_std: float = 1.0
-    shift: float = 1.0  # the scheduler's flow_shift, used alike for training and sampling
     vae_fraction: float = 0.8  # of the first run's window; a --resume run then trains the transformer
     chunk: int = 64
     video_pool: int = 8192
     latent_pool: int = 65536
     min_fill: int = 1024
-    steps_default: int = 20
     stats_videos: int = 2048
 
 
