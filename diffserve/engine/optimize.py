@@ -18,16 +18,13 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for name in names for block in getattr(model, name)]
 
 
-def fuse_kernels(model: nn.Module) -> list[str]:
+def fuse_kernels(model: nn.Module) -> None:
     """The model's lossless kernel fusions, in place: `fuse_projections` (projections that read the same
     input as one GEMM) then `fuse_epilogues` (GELU in the GEMM epilogue and the like), where the model
-    has them. Returns the names applied. The function is unchanged; bf16 outputs differ by rounding."""
-    applied = []
+    has them. The function is unchanged; bf16 outputs differ by rounding."""
     for name in ("fuse_projections", "fuse_epilogues"):
         if hasattr(model, name):
             getattr(model, name)()
-            applied.append(name)
-    return applied
 
 
 def compile_cache_dir() -> Path:
