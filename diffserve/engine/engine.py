@@ -17,7 +17,7 @@ from diffserve.pipelines.base import ComposedPipeline, PipelineState, StepCallba
 from diffserve.pipelines.registry import build_pipeline
 
 if TYPE_CHECKING:
-    from diffserve.engine.multiproc import ParallelEngine
+    from diffserve.engine.parallel_engine import ParallelEngine
     from diffserve.parallel.mesh import ParallelConfig
 
 
@@ -78,7 +78,7 @@ class Engine:
         """Load a model. With `parallel` asking for more than one process (or in a torchrun world of
         several) the engine is a `ParallelEngine` with the same API; see docs/PARALLEL.md."""
         from diffserve.embedded import resolve_model_arg
-        from diffserve.engine.multiproc import ParallelEngine, needs_parallel_engine
+        from diffserve.engine.parallel_engine import ParallelEngine, needs_parallel_engine
 
         model_path = resolve_model_arg(model_path, "image")
 

@@ -1,5 +1,9 @@
 """`ParallelEngine`: the `Engine` API over several processes (sequence, CFG and data parallelism).
 
+The caller's side of a multi-process engine: the object the user holds, named after the class it
+defines. What runs inside each rank process (process groups, the layout, the request protocol) is in
+`diffserve.engine.ranks`; this module only starts or joins those ranks and talks to rank 0.
+
 On one node it spawns its ranks itself (torch.multiprocessing) and talks to rank 0 over a pipe; this
 process loads no model. Under torchrun (several nodes, or one) every process calls `from_pretrained`:
 rank 0 gets the engine, and on the other ranks the call serves rank 0 and ends the process
@@ -21,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_dtype
-from diffserve.engine.distributed import (
+from diffserve.engine.ranks import (
     Front,
     RankRuntime,
     WorkerSpec,

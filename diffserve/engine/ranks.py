@@ -1,4 +1,8 @@
-"""Process groups, worker start-up and the request protocol of a multi-process engine.
+"""The rank side of a multi-process engine: what runs inside each rank process.
+
+Process groups, worker start-up, the parallel layout of a rank's pipeline and the request protocol
+between the ranks. The module is named for where its code runs; the caller's side, `ParallelEngine`,
+is in `diffserve.engine.parallel_engine`.
 
 Roles (global ranks, mesh order of `diffserve.parallel.mesh`):
 
