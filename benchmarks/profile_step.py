@@ -102,7 +102,7 @@ def build_variant(name: str, master: dict, cfg, workload: str, device: torch.dev
             def call(x, t, c):
                 return model(hidden_states=x, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
         return call  # type: ignore[return-value]
-    from diffserve.engine.optimize import compile_blocks
+    from diffserve.engine.optimize import compile_blocks, fuse_epilogues, fuse_projections
     from diffserve.layers.attention import AttentionOp, default_backend
     from diffserve.models.dits.flux import FluxTransformer
     from diffserve.models.dits.wan import WanTransformer
@@ -125,9 +125,9 @@ def build_variant(name: str, master: dict, cfg, workload: str, device: torch.dev
     for module in (flux_module, wan_module):  # "oldrope": the unbind/stack RoPE this repo used before
         module.apply_rope_interleaved = _rope_unbind_stack if "oldrope" in opts else apply_rope_interleaved
     if "fuse" in opts:
-        model.fuse_projections()
+        fuse_projections(model)
     if "epilogue" in opts:
-        model.fuse_epilogues()
+        fuse_epilogues(model)
     if "compile" in opts:
         compile_blocks(model, mode="max-autotune-no-cudagraphs" if "autotune" in opts else None)
     return model

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffserve.engine.optimize import compile_blocks
+from diffserve.engine.optimize import compile_blocks, fuse_kernels
 from diffserve.layers.fused import concat_linears, linear_gelu_tanh
 from diffserve.layers.rope import apply_rope_interleaved
 from tests.test_flux_transformer import _inputs as flux_inputs
@@ -71,12 +71,14 @@ def test_flux_fused_transforms_keep_the_output_eager_and_compiled() -> None:
             inp["img_ids"], inp["txt_ids"], inp["guidance"])
     with torch.no_grad():
         expected = ref(**inp, return_dict=False)[0]
-        ours.fuse_projections()
-        ours.fuse_epilogues()
+        fuse_kernels(ours)
         block = ours.single_transformer_blocks[0]
-        assert not hasattr(block, "proj_out") and block.proj_out_mlp.bias is None and block.epilogue
-        assert hasattr(block.attn, "to_qkv") and not hasattr(block.attn, "to_q") and hasattr(block, "proj_mlp")
-        assert all(b.ff.net[0].epilogue and b.ff_context.net[0].epilogue for b in ours.transformer_blocks)
+        assert block.proj_out.pieces is not None and block.proj_out.pieces[1].bias is None
+        assert block.proj_mlp.epilogue
+        assert "to_q+to_k+to_v" in block.attn.fused and not hasattr(block.attn, "to_q")
+        double = ours.transformer_blocks[0].attn
+        assert set(double.fused) == {"to_q+to_k+to_v", "add_q_proj+add_k_proj+add_v_proj"}
+        assert all(b.ff.net[0].proj.epilogue and b.ff_context.net[0].proj.epilogue for b in ours.transformer_blocks)
         eager = ours(*args)
         compile_blocks(ours)
         compiled = ours(*args)
@@ -90,10 +92,10 @@ def test_wan_fused_transforms_keep_the_output_eager_and_compiled() -> None:
     args = (inp["hidden_states"], inp["timestep"], inp["encoder_hidden_states"], None)
     with torch.no_grad():
         expected = ref(**inp, return_dict=False)[0]
-        ours.fuse_projections()
-        ours.fuse_epilogues()
-        assert hasattr(ours.blocks[0].attn1, "to_qkv") and hasattr(ours.blocks[0].attn2, "to_kv")
-        assert not hasattr(ours.blocks[0].attn1, "to_q")
+        fuse_kernels(ours)
+        assert "to_q+to_k+to_v" in ours.blocks[0].attn1.fused and "to_k+to_v" in ours.blocks[0].attn2.fused
+        assert not hasattr(ours.blocks[0].attn1, "to_q") and hasattr(ours.blocks[0].attn2, "to_q")
+        assert ours.blocks[0].ffn.net[0].proj.epilogue
         eager = ours(*args)
         compile_blocks(ours)
         compiled = ours(*args)
@@ -114,8 +116,8 @@ def test_engine_fuse_option(repo_fixture: str, request: pytest.FixtureRequest) -
     plain = Engine.from_pretrained(repo, dtype="fp32", device="cpu")
     fused = Engine.from_pretrained(repo, dtype="fp32", device="cpu", fuse=True)
     t_plain, t_fused = plain.pipeline.components.transformer, fused.pipeline.components.transformer
-    assert not any(isinstance(m, torch.nn.Linear) and n.endswith("to_qkv") for n, m in t_plain.named_modules())
-    assert any(n.endswith("to_qkv") for n, _ in t_fused.named_modules())
+    assert not any(n.endswith("to_q+to_k+to_v") for n, _ in t_plain.named_modules())
+    assert any(n.endswith("to_q+to_k+to_v") for n, _ in t_fused.named_modules())
     a, b = plain.generate("a red circle", **kw), fused.generate("a red circle", **kw)
     pa = np.asarray(a.images[0] if a.images else a.videos[0], dtype=int)
     pb = np.asarray(b.images[0] if b.images else b.videos[0], dtype=int)

@@ -1,4 +1,8 @@
-"""Speed transforms applied to a built model, once, at engine start-up (model files stay free of them)."""
+"""Speed transforms applied to a built model, once, at engine start-up.
+
+They are layer-level rewrites: they walk the model and rewrite the shared layers of `diffserve.layers.linear`
+(and compile the blocks a model lists in `REPEATED_BLOCKS`), so a model file holds no optimisation code; a
+model gets a fusion by building its projections from those layers."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffserve.layers.linear import ConcatLinear, GeluLinear, Projections
+
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated transformer blocks, as the model declares them in `REPEATED_BLOCKS`."""
@@ -18,13 +24,31 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for name in names for block in getattr(model, name)]
 
 
+def fuse_projections(model: nn.Module) -> int:
+    """Every `Projections` module's declared groups of Linear layers reading one input become one Linear
+    (one GEMM). Returns the number of groups fused."""
+    return sum(m.fuse_projections() for m in list(model.modules()) if isinstance(m, Projections))
+
+
+def fuse_epilogues(model: nn.Module) -> int:
+    """Every tanh `GeluLinear` runs its GELU in the GEMM epilogue, and every `ConcatLinear` is split into one
+    GEMM per input (the concatenation is never written). Returns the number of layers rewritten."""
+    count = 0
+    for m in list(model.modules()):
+        if isinstance(m, GeluLinear) and m.approximate == "tanh":
+            m.epilogue = True
+            count += 1
+        elif isinstance(m, ConcatLinear):
+            m.split()
+            count += 1
+    return count
+
+
 def fuse_kernels(model: nn.Module) -> None:
-    """The model's lossless kernel fusions, in place: `fuse_projections` (projections that read the same
-    input as one GEMM) then `fuse_epilogues` (GELU in the GEMM epilogue and the like), where the model
-    has them. The function is unchanged; bf16 outputs differ by rounding."""
-    for name in ("fuse_projections", "fuse_epilogues"):
-        if hasattr(model, name):
-            getattr(model, name)()
+    """The lossless kernel fusions, in place: `fuse_projections` then `fuse_epilogues`. The function is
+    unchanged; bf16 outputs differ by rounding."""
+    fuse_projections(model)
+    fuse_epilogues(model)
 
 
 def compile_cache_dir() -> Path:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from diffserve.layers.fused import linear_gelu_tanh
+from diffserve.layers.linear import GeluLinear
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
@@ -36,21 +36,15 @@ class MLPEmbedder(nn.Module):
 
 
 class GeluProj(nn.Module):
-    """Linear followed by tanh-approximated GELU (diffusers' `GELU` activation module layout).
-
-    `epilogue = True` (set by the models' `fuse_epilogues`) runs a tanh GELU as one GEMM with the GELU in
-    its epilogue (`diffserve.layers.fused.linear_gelu_tanh`)."""
+    """Linear followed by GELU, laid out as diffusers' `GELU` activation module (`proj`); the engine's
+    epilogue fusion applies to its `GeluLinear`."""
 
     def __init__(self, dim_in: int, dim_out: int, approximate: str = "tanh") -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-        self.approximate = approximate
-        self.epilogue = False
+        self.proj = GeluLinear(dim_in, dim_out, approximate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.epilogue and self.approximate == "tanh":
-            return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
-        return nn.functional.gelu(self.proj(x), approximate=self.approximate)
+        return self.proj(x)
 
 
 class FeedForward(nn.Module):

@@ -1,16 +1,19 @@
-"""Sequence-parallel DiTs: explicit per-family transforms that shard after `embed`, run `blocks` on the
-shard (attention through the model's `AttentionOp`, whose parallel wrapper is a `USPAttention`), and
-gather where the model's `SEQUENCE_PARALLEL` declaration says.
+"""Sequence parallelism for any DiT that has the shape of `diffserve.parallel.plan`: one generic transform.
 
-Padding scheme: a sequence of length L is cut into P shards of s = ceil(L / P) positions; rank p holds
-positions [p*s, (p+1)*s) and the positions >= L are zero padding (all at the end of the last shards).
-The `SequenceLayout` handed to the attention wrapper marks them, and the wrapper removes padded *keys*
-before any kernel runs, so padding cannot change a real token's result; padded query rows are dropped
-when the shards are gathered (`gather_sequence` keeps the first L positions).
+`SequenceParallel(model, sp, attn)` stands in for the transformer (`components.transformer = transform`):
+calling it runs `model.embed` on the whole inputs, cuts every segment the model's `PLAN.joint` names into
+this rank's shard (with its RoPE rows and key mask), runs `model.blocks` on the shards (attention goes
+through the model's `AttentionOp`, whose parallel wrapper is a `USPAttention`), gathers the head's output
+for `PLAN.output` and hands it to `model.finish`. Every other attribute (`cfg`, weights, ...) is the wrapped
+model's, so the pipeline stages do not change. This module knows no model family.
 
-A transform object stands in for the transformer (`components.transformer = transform`): calling it
-runs the parallel forward; every other attribute (`cfg`, weights, ...) is the wrapped model's, so the
-pipeline stages do not change.
+Padding scheme: a segment of length L is cut into P shards of s = ceil(L / P) positions; rank p holds
+positions [p*s, (p+1)*s) and the positions >= L are zero padding (at the end of the last shards). A rank's
+joint sequence is the concatenation of its shards of the joint segments, in `PLAN.joint` order. The
+`SequenceLayout` handed to the attention wrapper marks, for every rank (and, when the model has key masks,
+every sample), which of those positions are real keys; the wrapper removes the others before any kernel
+runs, so neither padding nor masked tokens change a real token's result; padded query rows are dropped
+when the output is gathered (`gather_sequence` keeps the first L positions).
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ import torch
 import torch.distributed as dist
 
 from diffserve.layers.parallel import CommGroup, SequenceLayout, USPAttention, check_heads
-from diffserve.models.dits.flux import FluxModulation, FluxTransformer
-from diffserve.models.dits.wan import WanTransformer, unpatchify
+from diffserve.parallel.plan import SequencePlan, Tokens
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure helpers
@@ -54,7 +56,7 @@ def take_shard(x: torch.Tensor, dim: int, index: int, parts: int) -> torch.Tenso
 
 def segments_layout(lengths: list[int], parts: int) -> SequenceLayout:
     """Layout of local sequences made of several segments, each sharded on its own and concatenated per
-    rank (FLUX: [text shard; image shard])."""
+    rank (FLUX: [text shard; image shard]); no key masks."""
     rows = []
     for p in range(parts):
         row = []
@@ -64,6 +66,22 @@ def segments_layout(lengths: list[int], parts: int) -> SequenceLayout:
         rows.append(torch.cat(row))
     valid = torch.stack(rows)
     return SequenceLayout(local_len=valid.shape[1], valid=None if bool(valid.all()) else valid)
+
+
+def masked_layout(lengths: list[int], masks: list[torch.Tensor | None], parts: int) -> SequenceLayout:
+    """As `segments_layout`, with per-sample key masks: masks[i] (B, L_i) bool for segment i (None: all
+    real) -> valid (B, parts, local_len): shard padding and masked keys both False."""
+    batch = next(m.shape[0] for m in masks if m is not None)
+    rows = []
+    for p in range(parts):
+        row = []
+        for length, mask in zip(lengths, masks, strict=True):
+            if mask is None:
+                mask = torch.ones(batch, length, dtype=torch.bool)
+            row.append(take_shard(mask.cpu(), 1, p, parts))  # zero (False) padding past the end
+        rows.append(torch.cat(row, dim=1))
+    valid = torch.stack(rows, dim=1)
+    return SequenceLayout(local_len=valid.shape[2], valid=valid)
 
 
 def gather_sequence(x: torch.Tensor, dim: int, group: CommGroup, length: int) -> torch.Tensor:
@@ -76,18 +94,25 @@ def gather_sequence(x: torch.Tensor, dim: int, group: CommGroup, length: int) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transforms
+# The transform
 
 
-class SequenceParallelDiT:
-    """Base of the per-family transforms: holds the model, the sequence-parallel group and the wrapper,
-    and forwards attribute access to the model."""
+def plan_of(model: torch.nn.Module) -> SequencePlan:
+    """The model's declared `PLAN` (error naming the model when it has none)."""
+    plan = getattr(type(model), "PLAN", None)
+    if not isinstance(plan, SequencePlan):
+        raise NotImplementedError(
+            f"{type(model).__name__} declares no sequence-parallel PLAN (see diffserve/parallel/plan.py); "
+            f"use --ulysses-degree 1 --ring-degree 1")
+    return plan
 
-    family: type[torch.nn.Module] = torch.nn.Module
+
+class SequenceParallel:
+    """Runs `model` with its joint segments sharded over the sequence-parallel group `sp`; attribute access
+    falls through to the model."""
 
     def __init__(self, model: torch.nn.Module, sp: CommGroup, attn: USPAttention) -> None:
-        if not isinstance(model, self.family):
-            raise TypeError(f"{type(self).__name__} wraps {self.family.__name__}, got {type(model).__name__}")
+        self.plan = plan_of(model)
         u, r = attn.ulysses, attn.ring
         if sp.size != u.size * r.size or sp.rank != r.rank * u.size + u.rank:
             raise ValueError(f"sequence-parallel group (rank {sp.rank} of {sp.size}) is not ring x ulysses "
@@ -102,85 +127,39 @@ class SequenceParallelDiT:
             raise AttributeError(name)
         return getattr(model, name)
 
-    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return take_shard(x, dim, self.sp.rank, self.sp.size)
+    def shard(self, tokens: Tokens) -> tuple[Tokens, SequenceLayout]:
+        """This rank's shard of every joint segment (tokens, RoPE rows, key mask) and the layout of all
+        ranks' joint sequences."""
+        names, rank, parts = self.plan.joint, self.sp.rank, self.sp.size
+        unknown = set(tokens.segments) - set(names) - set(self.plan.replicated)
+        if unknown:
+            raise ValueError(f"{type(self.model).__name__}.embed returned segments {sorted(unknown)} its PLAN "
+                             f"does not name")
+        segments, rope, masks = dict(tokens.segments), dict(tokens.rope), dict(tokens.masks)
+        for n in names:
+            segments[n] = take_shard(tokens.segments[n], 1, rank, parts)
+            if n in tokens.rope:
+                rope[n] = tuple(take_shard(t, 0, rank, parts) for t in tokens.rope[n])
+            if n in tokens.masks:
+                masks[n] = take_shard(tokens.masks[n], 1, rank, parts)
+        lengths = [tokens.length(n) for n in names]
+        if any(n in tokens.masks for n in names):
+            layout = masked_layout(lengths, [tokens.masks.get(n) for n in names], parts)
+        else:
+            layout = segments_layout(lengths, parts)
+        return Tokens(segments, rope, masks, tokens.cond), layout
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        model = self.model
+        tokens = model.embed(*args, **kwargs)  # type: ignore[operator]
+        local, layout = self.shard(tokens)
+        device = tokens.segments[self.plan.output].device
+        with self.attn.sharded(layout, device):
+            local = model.blocks(local)  # type: ignore[operator]
+        out = gather_sequence(model.head(local), 1, self.sp, tokens.length(self.plan.output))  # type: ignore[operator]
+        return model.finish(out, tokens)  # type: ignore[operator]
 
 
-class FluxSequenceParallel(SequenceParallelDiT):
-    """FLUX: text (B, T, C) and image (B, N, C) streams each sharded; a rank's joint sequence is
-    [text shard; image shard] with the RoPE rows of exactly those tokens; image shards gathered before
-    the head. Joint attention is a permutation of the full [text; image] attention, so it is exact."""
-
-    family = FluxTransformer
-
-    def __init__(self, model: FluxTransformer, sp: CommGroup, attn: USPAttention) -> None:
-        plan = model.SEQUENCE_PARALLEL
-        if set(plan["split"]) != {"text", "image", "rope"} or set(plan["gather"]) != {"head"}:
-            raise NotImplementedError(f"FluxSequenceParallel does not implement the declared plan {plan}")
-        self.text_dim, self.image_dim = plan["split"]["text"], plan["split"]["image"]
-        self.rope_dim, self.gather_dim = plan["split"]["rope"], plan["gather"]["head"]
-        super().__init__(model, sp, attn)
-
-    def __call__(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-                 img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
-                 modulation: FluxModulation | None = None) -> torch.Tensor:
-        model: FluxTransformer = self.model
-        s = model.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance, with_temb=modulation is None)
-        mod = modulation if modulation is not None else model.modulation(s["temb"])
-        t, n = s["text"].shape[self.text_dim], s["image"].shape[self.image_dim]
-        text, image = self.shard(s["text"], self.text_dim), self.shard(s["image"], self.image_dim)
-        rope = tuple(
-            torch.cat([self.shard(r.narrow(self.rope_dim, 0, t), self.rope_dim),
-                       self.shard(r.narrow(self.rope_dim, t, n), self.rope_dim)], dim=self.rope_dim)
-            for r in s["rope"]
-        )
-        layout = segments_layout([t, n], self.sp.size)
-        with self.attn.sharded(layout, x.device):
-            out = model.blocks(image, text, mod, rope)  # type: ignore[arg-type]
-        return model.head(gather_sequence(out, self.gather_dim, self.sp, n), mod)
-
-
-class WanSequenceParallel(SequenceParallelDiT):
-    """Wan: video tokens (B, N, C) and their RoPE rows sharded; self-attention through the wrapper;
-    cross-attention stays local (queries are the local tokens, text/image K/V are whole on every rank);
-    tokens gathered after the head's projection, before unpatchify."""
-
-    family = WanTransformer
-
-    def __init__(self, model: WanTransformer, sp: CommGroup, attn: USPAttention) -> None:
-        plan = model.SEQUENCE_PARALLEL
-        split = dict(plan.split)
-        if set(split) != {"tokens", "rope"} or plan.gather_after != "proj_out":
-            raise NotImplementedError(f"WanSequenceParallel does not implement the declared plan {plan}")
-        self.token_dim, self.rope_dim, self.gather_dim = split["tokens"], split["rope"], plan.gather_dim
-        super().__init__(model, sp, attn)
-
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                 image_context: torch.Tensor | None = None) -> torch.Tensor:
-        model: WanTransformer = self.model
-        s = model.embed(x, timestep, context, image_context)
-        n = s.tokens.shape[self.token_dim]
-        tokens = self.shard(s.tokens, self.token_dim)
-        rope = (self.shard(s.rope[0], self.rope_dim), self.shard(s.rope[1], self.rope_dim))
-        with self.attn.sharded(segments_layout([n], self.sp.size), x.device):
-            for block in model.blocks:
-                tokens = block(tokens, s.context, s.image_context, s.t6, rope)
-        out = gather_sequence(model.head(tokens, s.temb), self.gather_dim, self.sp, n)
-        return unpatchify(out, s.grid, model.cfg.patch_size)
-
-
-TRANSFORMS: dict[type[torch.nn.Module], type[SequenceParallelDiT]] = {
-    FluxTransformer: FluxSequenceParallel,
-    WanTransformer: WanSequenceParallel,
-}
-
-
-def sequence_parallel(model: torch.nn.Module, sp: CommGroup, attn: USPAttention) -> SequenceParallelDiT:
-    """The transform of `model`'s family (error for a family without one)."""
-    for family, transform in TRANSFORMS.items():
-        if isinstance(model, family):
-            return transform(model, sp, attn)  # type: ignore[arg-type]
-    raise NotImplementedError(
-        f"{type(model).__name__} has no sequence-parallel transform yet; supported: "
-        f"{', '.join(f.__name__ for f in TRANSFORMS)} (use --ulysses-degree 1 --ring-degree 1)"
-    )
+def sequence_parallel(model: torch.nn.Module, sp: CommGroup, attn: USPAttention) -> SequenceParallel:
+    """The sequence-parallel transform of `model` (error for a model without a PLAN)."""
+    return SequenceParallel(model, sp, attn)

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffserve.layers.attention import AttentionOp
-from diffserve.layers.embeddings import FeedForward, GeluProj, MLPEmbedder, timestep_features
-from diffserve.layers.fused import concat_linears, linear_gelu_tanh
+from diffserve.layers.embeddings import FeedForward, MLPEmbedder, timestep_features
+from diffserve.layers.linear import ConcatLinear, GeluLinear, Projections
 from diffserve.layers.rope import apply_rope_interleaved, rope_nd
 from diffserve.models.dits.config import config_from_dict, config_from_json
+from diffserve.parallel.plan import SequencePlan, Tokens
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,12 @@ class QKNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-class FluxAttention(nn.Module):
+class FluxAttention(Projections):
     """Q/K/V projections with QK-RMSNorm; `added` adds the text-stream projections (double blocks)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, attn: AttentionOp, added: bool, out: bool) -> None:
-        super().__init__()
+        groups = [("to_q", "to_k", "to_v")] + [("add_q_proj", "add_k_proj", "add_v_proj")] * added
+        super().__init__(groups)
         self.heads, self.head_dim, self.attn = heads, head_dim, attn
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
         self.norm_q, self.norm_k = QKNorm(head_dim), QKNorm(head_dim)
@@ -119,17 +121,11 @@ class FluxAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, L, C) -> q, k, v (B, L, H, D), q and k normalised."""
-        if hasattr(self, "to_qkv"):  # fused by `fuse_projections`
-            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        else:
-            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        q, k, v = self.project(x, "to_q", "to_k", "to_v")
         return self.norm_q(self._heads(q)), self.norm_k(self._heads(k)), self._heads(v)
 
     def added_qkv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if hasattr(self, "to_added_qkv"):
-            q, k, v = self.to_added_qkv(c).chunk(3, dim=-1)
-        else:
-            q, k, v = self.add_q_proj(c), self.add_k_proj(c), self.add_v_proj(c)
+        q, k, v = self.project(c, "add_q_proj", "add_k_proj", "add_v_proj")
         return self.norm_added_q(self._heads(q)), self.norm_added_k(self._heads(k)), self._heads(v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -178,40 +174,17 @@ class FluxSingleBlock(nn.Module):
         super().__init__()
         dim = cfg.inner_dim
         self.norm = AdaNorm(dim, 3)
-        self.proj_mlp = nn.Linear(dim, 4 * dim)
-        self.proj_out = nn.Linear(5 * dim, dim)
+        self.proj_mlp = GeluLinear(dim, 4 * dim, approximate="tanh")
+        self.proj_out = ConcatLinear((dim, 4 * dim), dim)  # over [attention, MLP]
         self.attn = FluxAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, attn, added=False, out=False)
-        self.epilogue = False  # set by `FluxTransformer.fuse_epilogues`
-
-    @torch.no_grad()
-    def split_proj_out(self) -> None:
-        """Replace proj_out (over [attention, MLP], width 5C) by its two column blocks, so the block adds
-        two GEMM outputs instead of concatenating a (T+N, 5C) input first."""
-        inner = self.attn.heads * self.attn.head_dim
-        w, b = self.proj_out.weight, self.proj_out.bias
-        self.proj_out_attn = nn.Linear(inner, w.shape[0], device=w.device, dtype=w.dtype).requires_grad_(False)
-        self.proj_out_attn.weight.copy_(w[:, :inner])
-        self.proj_out_attn.bias.copy_(b)
-        self.proj_out_mlp = nn.Linear(w.shape[1] - inner, w.shape[0], bias=False, device=w.device,
-                                      dtype=w.dtype).requires_grad_(False)
-        self.proj_out_mlp.weight.copy_(w[:, inner:])
-        del self.proj_out
 
     def forward(self, h: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """h (B, T+N, C); mod (B, 3C): the block's norm output."""
         shift, scale, gate = mod.chunk(3, dim=1)
         n = modulate(layer_norm(h), shift, scale)
         qkv = self.attn.qkv(n)
-        if self.epilogue:
-            mlp = linear_gelu_tanh(n, self.proj_mlp.weight, self.proj_mlp.bias)
-        else:
-            mlp = F.gelu(self.proj_mlp(n), approximate="tanh")
-        attn_out = self.attn.attend(*qkv, rope)
-        if hasattr(self, "proj_out_attn"):  # split by `split_proj_out`
-            out = self.proj_out_attn(attn_out) + self.proj_out_mlp(mlp)
-        else:
-            out = self.proj_out(torch.cat([attn_out, mlp], dim=2))
-        h = h + gate[:, None] * out
+        mlp = self.proj_mlp(n)
+        h = h + gate[:, None] * self.proj_out(self.attn.attend(*qkv, rope), mlp)
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
         return h
@@ -235,7 +208,14 @@ class TimeTextEmbed(nn.Module):
 
 
 class FluxTransformer(nn.Module):
+    """FLUX.1 DiT. forward(x (B, N, in_ch), context (B, T, joint_dim), ...) -> (B, N, out_ch), as
+    `finish(head(blocks(embed(...))))` (the shape `diffserve.parallel.plan` describes)."""
+
     REPEATED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
+
+    # Joint attention runs over [text; image]: both streams are sharded under sequence parallelism (each
+    # with its RoPE rows); temb and the modulations are replicated; the image stream's head is gathered.
+    PLAN: ClassVar[SequencePlan] = SequencePlan(joint=("text", "image"), output="image")
 
     def __init__(self, cfg: FluxConfig, attention: AttentionOp | None = None) -> None:
         super().__init__()
@@ -253,28 +233,21 @@ class FluxTransformer(nn.Module):
         out_ch = cfg.out_channels or cfg.in_channels
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_ch)
 
-    # Sequence parallelism: after `embed`, the text stream (B, T, C) and the image stream (B, N, C) are each
-    # split along their sequence; a rank holds [text shard; image shard] and the RoPE rows of exactly those
-    # tokens, in that order. `blocks` runs on the shards (joint attention goes through the AttentionOp's
-    # parallel wrapper; temb and the modulations are replicated); the image shards are gathered before `head`.
-    SEQUENCE_PARALLEL: ClassVar[dict] = {"split": {"text": 1, "image": 1, "rope": 0}, "replicated": ("temb",),
-                                         "gather": {"head": 1}}
-
     def embed(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-              img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None,
-              with_temb: bool = True) -> dict:
-        """Inputs -> what the blocks consume: image tokens (B, N, C), text tokens (B, T, C), temb (B, C)
-        (None unless `with_temb`: not needed when the modulations are precomputed), rope cos/sin over
-        [text; image] (T+N, D)."""
-        x = self.x_embedder(x)
-        temb = None
-        if with_temb:
-            t = timestep.to(x.dtype) * 1000
-            g = guidance.to(x.dtype) * 1000 if (guidance is not None and self.cfg.guidance_embeds) else None
-            temb = self.time_text_embed(t, pooled, g)
-        c = self.context_embedder(context)
-        rope = rope_nd(torch.cat([txt_ids, img_ids], dim=0), self.cfg.axes_dims_rope)
-        return dict(image=x, text=c, temb=temb, rope=rope)
+              img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
+              modulation: FluxModulation | None = None) -> Tokens:
+        """Inputs (as `forward`) -> segments "text" (B, T, C) and "image" (B, N, C), each with its RoPE rows
+        (cos, sin (L, D)); `cond` is this step's `FluxModulation` (computed from the timestep unless given)."""
+        image = self.x_embedder(x)
+        if modulation is None:
+            t = timestep.to(image.dtype) * 1000
+            g = guidance.to(image.dtype) * 1000 if (guidance is not None and self.cfg.guidance_embeds) else None
+            modulation = self.modulation(self.time_text_embed(t, pooled, g))
+        text = self.context_embedder(context)
+        cos, sin = rope_nd(torch.cat([txt_ids, img_ids], dim=0), self.cfg.axes_dims_rope)
+        n_text = txt_ids.shape[0]
+        rope = {"text": (cos[:n_text], sin[:n_text]), "image": (cos[n_text:], sin[n_text:])}
+        return Tokens(segments={"text": text, "image": image}, rope=rope, cond=modulation)
 
     def modulation(self, temb: torch.Tensor) -> FluxModulation:
         """Every AdaNorm's output for conditioning rows temb (R, C)."""
@@ -293,49 +266,28 @@ class FluxTransformer(nn.Module):
             g = guidance.to(pooled.dtype).repeat(steps) * 1000
         return self.modulation(self.time_text_embed(t, pooled.repeat(steps, 1), g))
 
-    def blocks(self, x: torch.Tensor, c: torch.Tensor, mod: FluxModulation,
-               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Double-stream blocks on (image, text), then single-stream blocks on [text; image] (B, T+N, C).
-        Returns the image part (B, N, C)."""
+    def blocks(self, tokens: Tokens) -> Tokens:
+        """Double-stream blocks on (image, text), then single-stream blocks on [text; image] (B, T+N, C)."""
+        mod: FluxModulation = tokens.cond
+        order = self.PLAN.joint
+        rope = tokens.joint_rope(order)
+        x, c = tokens.segments["image"], tokens.segments["text"]
         for block, (m, cm) in zip(self.transformer_blocks, mod.double, strict=True):
             x, c = block(x, c, m, cm, rope)
         h = torch.cat([c, x], dim=1)
         for block, m in zip(self.single_transformer_blocks, mod.single, strict=True):
             h = block(h, m, rope)
-        return h[:, c.shape[1]:]
+        return tokens.with_segments(text=h[:, :c.shape[1]], image=h[:, c.shape[1]:])
 
-    def head(self, x: torch.Tensor, mod: FluxModulation) -> torch.Tensor:
-        """Final AdaLN and projection: (B, N, C) -> (B, N, out_ch)."""
+    def head(self, tokens: Tokens) -> torch.Tensor:
+        """Final AdaLN and projection of the image tokens: (B, N, C) -> (B, N, out_ch)."""
+        x, mod = tokens.segments["image"], tokens.cond
         scale, shift = mod.out.to(x.dtype).chunk(2, dim=1)
         return self.proj_out(modulate(layer_norm(x), shift, scale))
 
-    @torch.no_grad()
-    def fuse_projections(self) -> None:
-        """Concatenate the q/k/v projections of each stream into one Linear (a layout change after loading;
-        the math is unchanged): one GEMM of width 3C instead of three of width C. The single blocks' MLP
-        input projection stays apart, so `fuse_epilogues` can put its GELU in the GEMM's epilogue."""
-        for block in self.transformer_blocks:
-            a = block.attn
-            a.to_qkv = concat_linears(a.to_q, a.to_k, a.to_v)
-            a.to_added_qkv = concat_linears(a.add_q_proj, a.add_k_proj, a.add_v_proj)
-            del a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj
-        for block in self.single_transformer_blocks:
-            a = block.attn
-            a.to_qkv = concat_linears(a.to_q, a.to_k, a.to_v)
-            del a.to_q, a.to_k, a.to_v
-
-    @torch.no_grad()
-    def fuse_epilogues(self) -> None:
-        """Kernel-level fusions (a layout change after loading; the function is unchanged, in bf16 up to
-        rounding): every tanh-GELU MLP input projection becomes one GEMM with bias and GELU in its epilogue,
-        and each single block's output projection is split into its attention and MLP column blocks, so the
-        (T+N, 5C) concatenation of [attention, MLP] is never written."""
-        for m in self.modules():
-            if isinstance(m, GeluProj):
-                m.epilogue = True
-        for block in self.single_transformer_blocks:
-            block.epilogue = True
-            block.split_proj_out()
+    def finish(self, out: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """The packed latents are the output as they are."""
+        return out
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
                 img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
@@ -343,6 +295,5 @@ class FluxTransformer(nn.Module):
         """x (B, N, in_ch) packed latents; context (B, T, joint_dim); pooled (B, pooled_dim);
         timestep (B,) in [0, 1]; img_ids (N, 3); txt_ids (T, 3); guidance (B,) or None -> (B, N, out_ch).
         `modulation`: this step's rows of `step_modulations` (else computed here from the timestep)."""
-        s = self.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance, with_temb=modulation is None)
-        mod = modulation if modulation is not None else self.modulation(s["temb"])
-        return self.head(self.blocks(s["image"], s["text"], mod, s["rope"]), mod)
+        tokens = self.embed(x, context, pooled, timestep, img_ids, txt_ids, guidance, modulation)
+        return self.finish(self.head(self.blocks(tokens)), tokens)

@@ -27,9 +27,10 @@ from torch import nn
 
 from diffserve.layers.attention import AttentionOp
 from diffserve.layers.embeddings import FeedForward, GeluProj, MLPEmbedder, timestep_features
-from diffserve.layers.fused import concat_linears
+from diffserve.layers.linear import Projections
 from diffserve.layers.rope import apply_rope_interleaved, rope_1d
 from diffserve.models.dits.config import config_from_dict, config_from_json
+from diffserve.parallel.plan import SequencePlan, Tokens
 
 QK_NORMS = ("rms_norm_across_heads", None)
 
@@ -79,30 +80,10 @@ class WanConfig:
         return config_from_json(cls, path, tuple_fields=("patch_size",))
 
 
-@dataclass(frozen=True)
-class SequenceParallelPlan:
-    """Where the sequence can be split for sequence parallelism (a declaration; no parallel code here).
-
-    After `WanTransformer.embed`, the fields of `BlockInputs` named in `split` are cut along the given
-    dim: the patchified video tokens (B, N, C) along N and the RoPE tables (N, D) to match. The blocks run
-    on the shard: self-attention goes through the AttentionOp's parallel wrapper (Ulysses / Ring), while
-    cross-attention stays local because its text/image K/V inputs, temb and the block modulation
-    (`replicated`) are whole on every rank. Tokens are gathered along `gather_dim` after `gather_after`
-    (proj_out: C_out*pt*ph*pw channels, much narrower than C), before `unpatchify`.
-    """
-
-    split: tuple[tuple[str, int], ...]
-    replicated: tuple[str, ...]
-    gather_after: str
-    gather_dim: int
-
-
 @dataclass
-class BlockInputs:
-    """What the blocks and the output head consume, as produced by `WanTransformer.embed`."""
+class WanCond:
+    """What every rank holds whole, as produced by `WanTransformer.embed` (`Tokens.cond`)."""
 
-    tokens: torch.Tensor  # (B, N, C) patchified video tokens, (f, h, w) order
-    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (N, D) float32
     temb: torch.Tensor  # (B, C) timestep embedding, for the output head
     t6: torch.Tensor  # (B, 6, C) block modulation offsets
     context: torch.Tensor  # (B, L, C) projected text (image tokens prepended when no separate image K/V)
@@ -264,15 +245,16 @@ class ConditionEmbedder(nn.Module):
         return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
 
 
-class WanAttention(nn.Module):
+class WanAttention(Projections):
     """Q/K/V/out projections with RMSNorm on q and k across all heads (one weight of width H*D).
 
-    `image_kv` adds the I2V projections of the image tokens (add_k_proj, add_v_proj, norm_added_k).
+    `cross`: a cross-attention (k/v read the text, q the video); `image_kv_dim` adds the I2V projections of
+    the image tokens (add_k_proj, add_v_proj, norm_added_k).
     """
 
-    def __init__(self, dim: int, heads: int, eps: float, attn: AttentionOp,
+    def __init__(self, dim: int, heads: int, eps: float, attn: AttentionOp, cross: bool,
                  image_kv_dim: int | None = None) -> None:
-        super().__init__()
+        super().__init__([("to_k", "to_v")] if cross else [("to_q", "to_k", "to_v")])
         self.heads, self.attn = heads, attn
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
@@ -291,10 +273,7 @@ class WanAttention(nn.Module):
     def self_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C); RoPE on q and k. Under sequence parallelism N is this rank's shard and
         the AttentionOp's parallel wrapper exchanges tokens."""
-        if hasattr(self, "to_qkv"):  # fused by `WanTransformer.fuse_projections`
-            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        else:
-            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        q, k, v = self.project(x, "to_q", "to_k", "to_v")
         q = apply_rope_interleaved(self._heads(self.norm_q(q)), *rope)
         k = apply_rope_interleaved(self._heads(self.norm_k(k)), *rope)
         v = self._heads(v)
@@ -308,7 +287,7 @@ class WanAttention(nn.Module):
         rank, so this is always the local kernel (`attn.local`), never the sequence-parallel wrapper.
         """
         q = self._heads(self.norm_q(self.to_q(x)))
-        k, v = self.to_kv(ctx).chunk(2, dim=-1) if hasattr(self, "to_kv") else (self.to_k(ctx), self.to_v(ctx))
+        k, v = self.project(ctx, "to_k", "to_v")
         k, v = self._heads(self.norm_k(k)), self._heads(v)
         out = self.attn.local(q, k, v).flatten(2).to(q.dtype)
         if img is not None and self.add_k_proj is not None:
@@ -328,8 +307,9 @@ class WanBlock(nn.Module):
     def __init__(self, cfg: WanConfig, attn: AttentionOp) -> None:
         super().__init__()
         dim, self.eps = cfg.inner_dim, cfg.eps
-        self.attn1 = WanAttention(dim, cfg.num_attention_heads, cfg.eps, attn)
-        self.attn2 = WanAttention(dim, cfg.num_attention_heads, cfg.eps, attn, cfg.added_kv_proj_dim)
+        self.attn1 = WanAttention(dim, cfg.num_attention_heads, cfg.eps, attn, cross=False)
+        self.attn2 = WanAttention(dim, cfg.num_attention_heads, cfg.eps, attn, cross=True,
+                                  image_kv_dim=cfg.added_kv_proj_dim)
         self.norm2 = FP32LayerNorm(dim, cfg.eps) if cfg.cross_attn_norm else None
         self.ffn = FeedForward(dim, cfg.ffn_dim, approximate="tanh")
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
@@ -347,17 +327,27 @@ class WanBlock(nn.Module):
         return gated_residual(x, self.ffn(h), ff_gate)
 
 
+class WanBlocks(nn.ModuleList):
+    """The repeated blocks (checkpoint keys `blocks.<i>.*`); calling it runs them all, so `model.blocks(tokens)`
+    is the `blocks` step of the DiT shape in `diffserve.parallel.plan`."""
+
+    def forward(self, tokens: Tokens) -> Tokens:
+        c: WanCond = tokens.cond
+        x, rope = tokens.segments["video"], tokens.rope["video"]
+        for block in self:
+            x = block(x, c.context, c.image_context, c.t6, rope)
+        return tokens.with_segments(video=x)
+
+
 class WanTransformer(nn.Module):
     """Wan2.1 DiT. forward(x (B, C_in, F, H, W), timestep (B,), context (B, L, text_dim),
     image_context (B, I, image_dim) | None) -> (B, C_out, F, H, W)."""
 
-    # Sequence parallelism (declared here, not implemented yet).
-    SEQUENCE_PARALLEL: ClassVar[SequenceParallelPlan] = SequenceParallelPlan(
-        split=(("tokens", 1), ("rope", 0)),
-        replicated=("context", "image_context", "temb", "t6"),
-        gather_after="proj_out",
-        gather_dim=1,
-    )
+    # Self-attention runs over the video tokens: sharded under sequence parallelism with their RoPE rows.
+    # Cross-attention keys/values (text, image tokens), temb and t6 are whole on every rank (`WanCond`), so
+    # cross-attention needs no communication. Tokens are gathered after the head's projection (C_out*pt*ph*pw
+    # channels, much narrower than C), before `finish` unpatchifies.
+    PLAN: ClassVar[SequencePlan] = SequencePlan(joint=("video",), output="video")
 
     REPEATED_BLOCKS = ("blocks",)
 
@@ -380,7 +370,7 @@ class WanTransformer(nn.Module):
         patch = cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=patch, stride=patch)
         self.condition_embedder = ConditionEmbedder(cfg)
-        self.blocks = nn.ModuleList(WanBlock(cfg, self.attention) for _ in range(cfg.num_layers))
+        self.blocks = WanBlocks(WanBlock(cfg, self.attention) for _ in range(cfg.num_layers))
         self.proj_out = nn.Linear(dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
@@ -407,8 +397,9 @@ class WanTransformer(nn.Module):
         return grid  # type: ignore[return-value]
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-              image_context: torch.Tensor | None) -> BlockInputs:
-        """Patch embedding, RoPE tables and the conditioning: everything the blocks consume."""
+              image_context: torch.Tensor | None = None) -> Tokens:
+        """Patch embedding, RoPE tables and the conditioning: segment "video" (B, N, C) with its RoPE rows
+        (cos, sin (N, D)), and `WanCond`."""
         if timestep.ndim != 1:
             raise ValueError(f"timestep must be (B,), got shape {tuple(timestep.shape)}")
         grid = self.patch_grid(x)
@@ -425,35 +416,22 @@ class WanTransformer(nn.Module):
             if self.cfg.added_kv_proj_dim is None:
                 # no separate image K/V: the image tokens join the text as one cross-attention sequence
                 ctx, img = torch.cat([img, ctx], dim=1), None
-        return BlockInputs(tokens, rope, temb, t6, ctx, img, grid)
+        return Tokens(segments={"video": tokens}, rope={"video": rope}, cond=WanCond(temb, t6, ctx, img, grid))
 
-    def head(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def head(self, tokens: Tokens) -> torch.Tensor:
         """Final AdaLN and projection: (B, N, C) -> (B, N, pt*ph*pw*C_out)."""
+        x, temb = tokens.segments["video"], tokens.cond.temb
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)  # (B, 1, C) each
-        return self.proj_out(modulated_norm(tokens, shift, scale, self.cfg.eps))
+        return self.proj_out(modulated_norm(x, shift, scale, self.cfg.eps))
 
-    def fuse_projections(self) -> None:
-        """Concatenate projections that read the same input (a layout change after loading; the math is
-        unchanged): self-attention q/k/v into one GEMM of width 3C, cross-attention k/v into one of 2C."""
-        for block in self.blocks:
-            a1, a2 = block.attn1, block.attn2
-            a1.to_qkv = concat_linears(a1.to_q, a1.to_k, a1.to_v)
-            a2.to_kv = concat_linears(a2.to_k, a2.to_v)
-            del a1.to_q, a1.to_k, a1.to_v, a2.to_k, a2.to_v
-
-    def fuse_epilogues(self) -> None:
-        """Kernel-level fusion (the function is unchanged, in bf16 up to rounding): each block's FFN input
-        projection becomes one GEMM with bias and tanh-GELU in its epilogue."""
-        for block in self.blocks:
-            block.ffn.net[0].epilogue = True
+    def finish(self, out: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """(B, N, pt*ph*pw*C_out) -> (B, C_out, F, H, W)."""
+        return unpatchify(out, tokens.cond.grid, self.cfg.patch_size)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 image_context: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C_in, F, H, W) latents (I2V: noise, mask and image latents concatenated on C);
         timestep (B,) in [0, 1000]; context (B, L, text_dim) T5 features; image_context (B, I, image_dim)
         CLIP tokens (I = 257 for Wan2.1 I2V) or None -> (B, C_out, F, H, W)."""
-        s = self.embed(x, timestep, context, image_context)
-        tokens = s.tokens
-        for block in self.blocks:
-            tokens = block(tokens, s.context, s.image_context, s.t6, s.rope)
-        return unpatchify(self.head(tokens, s.temb), s.grid, self.cfg.patch_size)
+        tokens = self.embed(x, timestep, context, image_context)
+        return self.finish(self.head(self.blocks(tokens)), tokens)
