@@ -6,42 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffserve.cli_args import add_engine_args
 from diffserve.errors import UserError
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")  # kept equal to diffserve.media's lists (imported lazily there)
 VIDEO_FORMATS = ("mp4", "gif", "webp", "frames")
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and engine")
-    g.add_argument("--model-path", default=None,
-                   help="diffusers-format model folder, or a Hugging Face repo id (org/name) resolved through "
-                        "the local hub cache (HF_HUB_OFFLINE honoured), or embedded:image / embedded:video; default: "
-                        "diffserve's embedded image model (its video model when a video is asked for)")
-    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="weights and activations precision (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
-    g.add_argument("--attention-backend", choices=("sdpa", "cudnn", "flash", "efficient", "math", "fa3"),
-                   default=None, help="attention kernel (default: the fastest one for the device)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the repeated transformer blocks (slower start, faster steps)")
-    g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
-                   help="lossless kernel fusions: projections that read the same input as one matrix multiply, "
-                        "GELU inside the matrix multiply (default: on with --compile on CUDA)")
-    g.add_argument("--vae-dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="VAE precision (default: the reference's: fp32 for Wan, the model dtype for FLUX)")
-    par = p.add_argument_group("multi-GPU (docs/PARALLEL.md)")
-    par.add_argument("--num-gpus", type=int, default=None,
-                     help="processes / GPUs in all (default: the product of the settings below, else 1)")
-    par.add_argument("--ulysses-degree", type=int, default=None,
-                     help="Ulysses sequence parallelism (all-to-all over heads) inside a replica")
-    par.add_argument("--ring-degree", type=int, default=None,
-                     help="Ring sequence parallelism (K/V passed round the ranks) inside a replica")
-    par.add_argument("--enable-cfg-parallel", action="store_true",
-                     help="run the conditional and unconditional CFG branches on two rank groups")
-    par.add_argument("--dp-size", type=int, default=1,
-                     help="independent pipeline replicas behind one scheduler (default 1); "
-                          "cfg x ring x ulysses = num-gpus / dp-size")
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="run one generation and write the result to files",
                          description="Run one generation job in this process and write the outputs.")
-    _add_engine_args(gen)
+    add_engine_args(gen)
     _add_generate_args(gen)
     from diffserve.server.cli import add_serve_parser
 
@@ -86,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from diffserve.config import GenerationRequest
     from diffserve.embedded import resolve_model_arg
-    from diffserve.engine.engine import Engine
+    from diffserve.engine.entry import Engine
     from diffserve.media import check_output_target, load_image, resolve_format, write_images, write_videos
     from diffserve.parallel.mesh import parallel_config_from_args
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffserve.config import GenerationRequest
-from diffserve.engine.ranks import assign_batches, split_requests, torchrun_env
 from diffserve.engine.parallel_engine import needs_parallel_engine
+from diffserve.engine.ranks import assign_batches, split_requests, torchrun_env
 from diffserve.layers.attention import sdpa_attention
 from diffserve.layers.parallel import (
     heads_to_send_order,

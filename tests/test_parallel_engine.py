@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from diffserve import Engine, GenerationRequest
-from diffserve.engine.ranks import free_port
 from diffserve.engine.parallel_engine import ParallelEngine
+from diffserve.engine.ranks import free_port
 from diffserve.errors import CancelledError, InvalidRequestError
 from diffserve.parallel import ParallelConfig
 

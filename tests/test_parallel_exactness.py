@@ -18,8 +18,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from diffserve.config import GenerationRequest
+from diffserve.engine.entry import Engine
 from diffserve.engine.ranks import parallelize_pipeline, spawn_world
-from diffserve.engine.engine import Engine
 from diffserve.errors import UserError
 from diffserve.layers.attention import sdpa_attention
 from diffserve.layers.parallel import USPAttention

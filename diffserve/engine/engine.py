@@ -1,24 +1,24 @@
-"""The in-process engine: loads one model and runs generation requests through its pipeline."""
+"""The in-process engine: loads one model and runs generation requests through its pipeline.
+
+`LocalEngine` knows nothing of multi-process runs: the rank processes of a `ParallelEngine` each build one
+(`diffserve.engine.ranks`), and the public `Engine` (`diffserve.engine.entry`), which picks between the two,
+is a `LocalEngine` itself.
+"""
 
 from __future__ import annotations
 
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_dtype
+from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device
 from diffserve.layers.attention import AttentionOp, default_backend
 from diffserve.models.loader import read_model_index, resolve_model_path
 from diffserve.pipelines.base import ComposedPipeline, PipelineState, StepCallback
 from diffserve.pipelines.registry import build_pipeline
-
-if TYPE_CHECKING:
-    from diffserve.engine.parallel_engine import ParallelEngine
-    from diffserve.parallel.mesh import ParallelConfig
 
 
 @dataclass
@@ -40,11 +40,12 @@ class GenerationResult:
         return self.request.fps
 
 
-class Engine:
-    """Load a model once; generate many times. `Engine.from_pretrained(path)` is the usual entry."""
+class LocalEngine:
+    """One model in this process: load once, generate many times. Users hold it as its subclass
+    `diffserve.Engine`; the ranks of a multi-process engine use it directly."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
-        """`Engine()` loads diffserve's embedded image model on the default device."""
+        """With no config, loads diffserve's embedded image model on the default device."""
         if config is None:
             from diffserve.embedded import resolve_model_arg
 
@@ -68,29 +69,6 @@ class Engine:
             from diffserve.engine.optimize import compile_blocks
 
             self.compiled_blocks = compile_blocks(self.pipeline.components.transformer)  # type: ignore[union-attr]
-
-    @classmethod
-    def from_pretrained(cls, model_path: str | None = None, *, dtype: str | torch.dtype | None = None,
-                        device: str | torch.device | None = None, attention_backend: str | None = None,
-                        compile: bool = False, parallel: ParallelConfig | None = None,
-                        fuse: bool | None = None,
-                        vae_dtype: str | torch.dtype | None = None) -> Engine | ParallelEngine:
-        """Load a model. With `parallel` asking for more than one process (or in a torchrun world of
-        several) the engine is a `ParallelEngine` with the same API; see docs/PARALLEL.md."""
-        from diffserve.embedded import resolve_model_arg
-        from diffserve.engine.parallel_engine import ParallelEngine, needs_parallel_engine
-
-        model_path = resolve_model_arg(model_path, "image")
-
-        if needs_parallel_engine(parallel):
-            return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
-                                                  attention_backend=attention_backend, parallel=parallel,
-                                                  fuse=fuse, vae_dtype=vae_dtype)
-        dev = torch.device(device) if device is not None else default_device()
-        dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
-                                compile=compile, fuse=fuse,
-                                vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None))
 
     @property
     def defaults(self) -> ModelDefaults:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_dtype
+from diffserve.engine.engine import GenerationResult
 from diffserve.engine.ranks import (
     Front,
     RankRuntime,
@@ -38,7 +39,6 @@ from diffserve.engine.ranks import (
     torchrun_env,
     world_info,
 )
-from diffserve.engine.engine import GenerationResult
 from diffserve.models.loader import resolve_model_path
 from diffserve.parallel.mesh import ParallelConfig, ParallelConfigError
 from diffserve.pipelines.base import StepCallback

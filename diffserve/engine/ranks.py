@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from diffserve.config import EngineConfig, GenerationRequest
-from diffserve.engine.engine import Engine, GenerationResult
+from diffserve.engine.engine import GenerationResult, LocalEngine
 from diffserve.errors import UserError
 from diffserve.layers.attention import AttentionOp
 from diffserve.layers.parallel import CommGroup, USPAttention, sdpa_attention_lse
@@ -219,15 +219,15 @@ def _recv(src: int, group: CommGroup) -> object:
 class RankRuntime:
     """One rank's engine (pipeline with the parallel layout applied) and its groups."""
 
-    def __init__(self, engine: Engine, groups: MeshGroups) -> None:
+    def __init__(self, engine: LocalEngine, groups: MeshGroups) -> None:
         self.engine, self.groups = engine, groups
 
     @classmethod
     def build(cls, spec: WorkerSpec, device: torch.device) -> RankRuntime:
         """Load the model on `device`, cut the process groups, apply the layout. Collective."""
-        engine = Engine(EngineConfig(model_path=spec.model_path, dtype=spec.dtype, device=device,
-                                     attention_backend=spec.attention_backend, compile=spec.compile,
-                                     fuse=spec.fuse, vae_dtype=spec.vae_dtype))
+        engine = LocalEngine(EngineConfig(model_path=spec.model_path, dtype=spec.dtype, device=device,
+                                          attention_backend=spec.attention_backend, compile=spec.compile,
+                                          fuse=spec.fuse, vae_dtype=spec.vae_dtype))
         heads = engine.pipeline.components.transformer.cfg.num_attention_heads  # type: ignore[attr-defined]
         groups = build_mesh_groups(spec.parallel.resolve(heads))
         parallelize_pipeline(engine.pipeline, engine.attention, groups)
@@ -292,7 +292,7 @@ class Front:
         self.stopped = False
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> LocalEngine:
         return self.runtime.engine
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from diffserve.cli_args import add_engine_args
 from diffserve.errors import UserError
 
 FAULT_INJECTION_ENV = "DIFFSERVE_SERVER_FAULT_INJECTION"
@@ -21,13 +22,11 @@ FAULT_INJECTION_ENV = "DIFFSERVE_SERVER_FAULT_INJECTION"
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `serve` on the top-level parser's subcommands."""
-    from diffserve import cli as main_cli
-
     p = subparsers.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve one model over an OpenAI-compatible HTTP API (images, image edits, video jobs). "
                     "The model runs in a worker process fed by a batching queue.")
-    main_cli._add_engine_args(p)
+    add_engine_args(p)
     net = p.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=30000, help="port to bind (default 30000)")

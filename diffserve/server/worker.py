@@ -200,7 +200,7 @@ def _quiet_libraries() -> None:
 
 def _load(cfg: WorkerConfig, events: Connection) -> object | None:
     """Build the engine and announce it (Ready), or report why it could not be built (LoadFailed)."""
-    from diffserve.engine.engine import Engine
+    from diffserve.engine.entry import Engine
 
     try:
         engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,

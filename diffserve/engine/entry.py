@@ -1,0 +1,43 @@
+"""The public `Engine`: one model in this process, or the same API over several processes.
+
+This module sits above both engines so that neither imports the other: `LocalEngine`
+(`diffserve.engine.engine`) runs a model in this process and knows nothing of multi-process runs;
+`ParallelEngine` (`diffserve.engine.parallel_engine`) starts ranks that each build a `LocalEngine`.
+`Engine.from_pretrained` picks one of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffserve.config import EngineConfig, default_device, parse_dtype
+from diffserve.embedded import resolve_model_arg
+from diffserve.engine.engine import LocalEngine
+from diffserve.engine.parallel_engine import ParallelEngine, needs_parallel_engine
+from diffserve.parallel.mesh import ParallelConfig
+
+
+class Engine(LocalEngine):
+    """Load a model once; generate many times. `Engine.from_pretrained(path)` is the usual entry;
+    `Engine(config)` loads in this process (no config: the embedded image model)."""
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | None = None, *, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device | None = None, attention_backend: str | None = None,
+                        compile: bool = False, parallel: ParallelConfig | None = None,
+                        fuse: bool | None = None,
+                        vae_dtype: str | torch.dtype | None = None) -> Engine | ParallelEngine:
+        """Load a model (no `model_path`: the embedded image model). With `parallel` asking for more than
+        one process (or in a torchrun world of several) the engine is a `ParallelEngine` with the same API
+        (docs/PARALLEL.md); otherwise an `Engine` in this process on `device` (default: CUDA if present),
+        in `dtype` (default: bf16 on CUDA, fp32 elsewhere)."""
+        model_path = resolve_model_arg(model_path, "image")
+        if needs_parallel_engine(parallel):
+            return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
+                                                  attention_backend=attention_backend, parallel=parallel,
+                                                  fuse=fuse, vae_dtype=vae_dtype)
+        dev = torch.device(device) if device is not None else default_device()
+        dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
+                                compile=compile, fuse=fuse,
+                                vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None))
