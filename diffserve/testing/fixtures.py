@@ -36,6 +36,13 @@ Fixtures (``scale="tiny"``; widths are chosen so the engine's shape plumbing is 
   image cross-attention of the real I2V-14B), a CLIPVisionModelWithProjection (hidden 16, 32 px,
   patch 4) and a CLIPImageProcessor at 32 px.
 * ``fastwan-t2v``: FastVideo/FastWan2.1-T2V-1.3B-Diffusers, see below.
+* ``hunyuan-video``: hunyuanvideo-community/HunyuanVideo: HunyuanVideoTransformer3DModel (2 dual + 2 single
+  blocks, 2 refiner blocks, 2 heads x 12, RoPE 4/4/4, patch 2, guidance embedder), LlamaModel (3 layers,
+  hidden 32: the pipeline reads the third hidden state from the end) with the tiny LLaMA tokenizer (whose
+  tokens for the real prompt template's prefix are exactly the 95 the pipeline crops), CLIPTextModel
+  (hidden 32) for the pooled vector, AutoencoderKLHunyuanVideo with four 4-channel blocks (the real 8x
+  spatial / 4x temporal compression, 4 latent channels, scaling 0.476986), the real scheduler config
+  (flow-match Euler, shift 7.0).
 * ``wan-t2v-14b``: ``scale="full"`` only (Wan2.1-T2V-14B-Diffusers).
 
 What the FastWan2.1-T2V-1.3B-Diffusers repo looks like (researched from public sources, not from the
@@ -94,7 +101,7 @@ FIXTURE_VERSION = "1"
 """Hashed into the cache folder names. The builder's source is hashed too, so bump this only when the
 output changes for another reason (e.g. a behaviour change in a dependency that keeps its version)."""
 
-FIXTURES: tuple[str, ...] = ("flux-dev", "flux-schnell", "wan-t2v", "wan-i2v", "fastwan-t2v")
+FIXTURES: tuple[str, ...] = ("flux-dev", "flux-schnell", "wan-t2v", "wan-i2v", "fastwan-t2v", "hunyuan-video")
 """Fixtures that exist at ``scale="tiny"`` (and ``"full"``)."""
 FULL_ONLY: tuple[str, ...] = ("wan-t2v-14b",)
 """Repos that can only be built at ``scale="full"``."""
@@ -121,7 +128,7 @@ class RepoSpec:
     """Which real repo a fixture mirrors and how it differs from it."""
 
     name: str
-    family: Literal["flux", "wan"]
+    family: Literal["flux", "wan", "hunyuan"]
     config_repo: str
     hub_id: str
     pipeline_class: str | None = None
@@ -141,6 +148,7 @@ SPECS: dict[str, RepoSpec] = {
     "fastwan-t2v": RepoSpec("fastwan-t2v", "wan", "Wan2.1-T2V-1.3B-Diffusers",
                             "FastVideo/FastWan2.1-T2V-1.3B-Diffusers", pipeline_class="WanDMDPipeline",
                             vsa_gates=True),
+    "hunyuan-video": RepoSpec("hunyuan-video", "hunyuan", "HunyuanVideo", "hunyuanvideo-community/HunyuanVideo"),
 }
 
 # Size overrides applied to the real configs at scale="tiny". Every other field keeps its real value.
@@ -161,6 +169,16 @@ _TINY_WAN = {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, 
 _TINY_WAN_I2V = {"image_dim": _TINY_CLIP_VISION["hidden_size"],
                  "added_kv_proj_dim": _TINY_WAN["num_attention_heads"] * _TINY_WAN["attention_head_dim"]}
 _TINY_WAN_VAE = {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}
+# HunyuanVideo: a 3-layer LLaMA (the pipeline reads the third hidden state from the end), CLIP-L -> the tiny
+# CLIP, a DiT of 2 dual + 2 single blocks (2 heads x 12, RoPE 4/4/4) and the smallest causal 3-D VAE that
+# keeps the real 8x spatial / 4x temporal compression (four blocks of 4 channels, 4 latent channels).
+_TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3, "num_attention_heads": 2,
+               "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 512}
+_TINY_HUNYUAN = {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 12,
+                 "num_layers": 2, "num_single_layers": 2, "text_embed_dim": _TINY_LLAMA["hidden_size"],
+                 "pooled_projection_dim": _TINY_CLIP_TEXT["hidden_size"], "rope_axes_dim": [4, 4, 4]}
+_TINY_HUNYUAN_VAE = {"block_out_channels": [4, 4, 4, 4], "layers_per_block": 1, "latent_channels": 4,
+                     "norm_num_groups": 2}
 _TINY_IMAGE_PROCESSOR = {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}}
 
 # Metadata keys of the real config files that must not be passed on (they describe the original save).
@@ -209,7 +227,7 @@ def component_plan(name: str, scale: Scale = "tiny") -> list[Component]:
     """The components of repo ``name`` with the configs they are built from, in model_index order."""
     spec = _spec(name, scale)
     repo = spec.config_repo
-    from .tiny_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE
+    from .tiny_tokenizers import CLIP_VOCAB_SIZE, LLAMA_VOCAB_SIZE, T5_VOCAB_SIZE
 
     t5_tiny = {**_TINY_T5, "vocab_size": T5_VOCAB_SIZE}
     if spec.family == "flux":
@@ -222,6 +240,18 @@ def component_plan(name: str, scale: Scale = "tiny") -> list[Component]:
             Component("tokenizer_2", "t5_tokenizer", {}),
             Component("transformer", "flux_transformer", _sized(repo, "transformer", scale, _TINY_FLUX)),
             Component("vae", "flux_vae", _sized(repo, "vae", scale, _TINY_FLUX_VAE)),
+        ]
+    if spec.family == "hunyuan":
+        llama_ids = {"vocab_size": LLAMA_VOCAB_SIZE, "bos_token_id": 1, "eos_token_id": 2}
+        return [
+            _scheduler(repo),
+            Component("text_encoder", "llama", _sized(repo, "text_encoder", scale, _TINY_LLAMA, llama_ids)),
+            Component("text_encoder_2", "clip_text", _sized(repo, "text_encoder_2", scale,
+                                                            _TINY_CLIP_TEXT, {"vocab_size": CLIP_VOCAB_SIZE})),
+            Component("tokenizer", "llama_tokenizer", {}),
+            Component("tokenizer_2", "clip_tokenizer", {}),
+            Component("transformer", "hunyuan_transformer", _sized(repo, "transformer", scale, _TINY_HUNYUAN)),
+            Component("vae", "hunyuan_vae", _sized(repo, "vae", scale, _TINY_HUNYUAN_VAE)),
         ]
     i2v = (CONFIG_DIR / repo / "image_encoder").is_dir()
     plan = []
@@ -303,6 +333,12 @@ def construct_model(component: Component, *, seed: int = 0, device: str | torch.
                 _add_vsa_gates(model)
         elif kind == "wan_vae":
             model = diffusers.AutoencoderKLWan.from_config(cfg)
+        elif kind == "llama":
+            model = transformers.LlamaModel(transformers.LlamaConfig(**cfg))
+        elif kind == "hunyuan_transformer":
+            model = diffusers.HunyuanVideoTransformer3DModel.from_config(cfg)
+        elif kind == "hunyuan_vae":
+            model = diffusers.AutoencoderKLHunyuanVideo.from_config(cfg)
         else:
             raise ValueError(f"{component.name!r} ({kind}) is not a model")
     return model.eval()
@@ -313,6 +349,7 @@ TINY_WEIGHT_NOISE = 0.1
 _CONDITIONING_GAIN = {
     "flux_transformer": (3.0, ("context_embedder", "add_v_proj")),
     "wan_transformer": (3.0, ("attn2.to_v", "attn2.to_out", "attn2.add_v_proj")),
+    "hunyuan_transformer": (3.0, ("context_embedder.proj_in", "add_v_proj")),
 }
 """Extra gain on the projections that carry text / image conditioning into the latent stream."""
 
@@ -359,6 +396,8 @@ def save_component(component: Component, folder: Path, *, seed: int = 0, scale: 
         _write_clip_vocab_files(folder)
     elif kind == "t5_tokenizer":
         tiny_tokenizers.build_t5_tokenizer().save_pretrained(folder)
+    elif kind == "llama_tokenizer":
+        tiny_tokenizers.build_llama_tokenizer().save_pretrained(folder)
     elif kind == "clip_image_processor":
         from transformers import CLIPImageProcessor
 

@@ -223,3 +223,76 @@ def t5_vocab() -> tuple[tuple[str, float], ...]:
 def build_t5_tokenizer() -> T5Tokenizer:
     """A T5 tokenizer (saved as ``T5TokenizerFast``-compatible ``tokenizer.json``), no sentinel ids."""
     return T5Tokenizer(vocab=list(t5_vocab()), extra_ids=0, model_max_length=T5_MODEL_MAX_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LLaMA (the LLaVA-LLaMA-3 text encoder of HunyuanVideo)
+
+LLAMA_VOCAB_SIZE = 1856
+"""Embedding rows of the tiny LLaMA text encoder, at least the tiny LLaMA vocabulary (1816 tokens, special
+tokens included; real: 128320)."""
+LLAMA_MODEL_MAX_LENGTH = 2048
+LLAMA_BOS, LLAMA_EOS, LLAMA_PAD = "<|begin_of_text|>", "<|end_of_text|>", "<pad>"
+LLAMA_CHAT_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+HUNYUAN_VIDEO_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+"""HunyuanVideo's prompt template (the real one). With the real tokenizer its part before the prompt is
+95 tokens, the `crop_start` the pipeline drops; the tiny LLaMA tokenizer is laid out so it is 95 there too
+(see :func:`build_llama_tokenizer`)."""
+HUNYUAN_VIDEO_CROP_START = 95
+
+
+@functools.lru_cache(maxsize=1)
+def llama_pieces() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The tiny LLaMA BPE: (single symbols, merges) in rank order.
+
+    SentencePiece layout (``▁`` marks a preceding space, as transformers 5's ``LlamaTokenizer`` expects):
+    every letter run of the corpus and of the template is one piece, ``▁``-prefixed where a space precedes
+    it; the few words that start a chat-turn section ("system", "user", "Describe") also bare; ``\\n\\n``
+    is one piece; digits and punctuation are single symbols (a digit after a space is ``▁`` + digit). Each
+    piece is reached by left-to-right merges, the ``▁`` pieces ranked first so a bare piece never splits
+    one. Built directly (no trainer), so it is deterministic.
+    """
+    import re
+
+    text = "\n".join(_corpus_lines()) + "\n" + HUNYUAN_VIDEO_TEMPLATE
+    for special in (*LLAMA_CHAT_SPECIALS, "{}"):
+        text = text.replace(special, "\n")
+    spaced = sorted({"▁" + m.group()[1:] for m in re.finditer(r" [A-Za-z]+", text)}, key=lambda p: (len(p), p))
+    symbols = sorted({c for c in text if not c.isspace()} | {"▁", "\n"})
+    seen, merges = set(symbols), []
+    for piece in [*spaced, *sorted({"system", "user", "Describe", "\n\n"})]:
+        for i in range(2, len(piece) + 1):
+            if piece[:i] not in seen:
+                seen.add(piece[:i])
+                merges.append((piece[:i - 1], piece[i - 1]))
+    return tuple(symbols), tuple(merges)
+
+
+def build_llama_tokenizer():
+    """A LLaMA-3-style ``LlamaTokenizer`` (SentencePiece-style BPE with byte fallback, right padding, BOS
+    ``<|begin_of_text|>``, the chat header tokens as special tokens, pad ``<pad>``) whose tokenization of
+    :data:`HUNYUAN_VIDEO_TEMPLATE`'s prefix is exactly :data:`HUNYUAN_VIDEO_CROP_START` tokens."""
+    from transformers import LlamaTokenizer
+
+    symbols, merges = llama_pieces()
+    tokens = ["<unk>", LLAMA_BOS, LLAMA_EOS] + [f"<0x{i:02X}>" for i in range(256)] + list(symbols)
+    tokens += [a + b for a, b in merges]
+    tok = LlamaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges), bos_token=LLAMA_BOS,
+                         eos_token=LLAMA_EOS, unk_token="<unk>", add_bos_token=True, padding_side="right",
+                         model_max_length=LLAMA_MODEL_MAX_LENGTH)
+    tok.add_special_tokens({"additional_special_tokens": list(LLAMA_CHAT_SPECIALS), "pad_token": LLAMA_PAD})
+    if len(tok) > LLAMA_VOCAB_SIZE:
+        raise RuntimeError(f"tiny LLaMA vocabulary has {len(tok)} tokens, more than LLAMA_VOCAB_SIZE")
+    prefix = len(tok(HUNYUAN_VIDEO_TEMPLATE.split("{}")[0]).input_ids)
+    if prefix != HUNYUAN_VIDEO_CROP_START:
+        raise RuntimeError(f"the template prefix is {prefix} tiny LLaMA tokens, not {HUNYUAN_VIDEO_CROP_START}")
+    return tok
