@@ -4,12 +4,23 @@ Every DiT calls an `AttentionOp` with q, k, v laid out (B, L, H, D) and gets (B,
 Which kernel runs (torch SDPA and its cuDNN / flash / memory-efficient variants, FlashAttention 3 when
 installed) is decided once when the engine starts, and a parallel wrapper (Ulysses, Ring) can be put
 in front of the local kernel. A model file never imports a kernel library.
+
+Key padding: a call may carry `kv_mask` (B, Lk) bool, True = a real key. No kernel ever sees a dense
+mask (it would force SDPA onto its slow path): the padded keys are dropped before the kernel runs
+(`KeySelection`). All keys real -> the plain call; every sample keeping the same keys -> one call on a
+prefix view `k[:, :n]` (or one `index_select` when the shared keys are not a prefix); otherwise one call
+per sample (the batch is small: prompts x CFG branches) on that sample's keys. Deciding between these
+costs one host sync per masked call: a single `.tolist()` of a (3, B) tensor of per-sample statistics
+(`plan_key_selections`; a mask kept on the CPU costs no device sync at all); the indices of non-prefix
+masks are computed on the mask's device without another. Under sequence parallelism the plan is made once
+per forward from the layout (`diffserve.layers.parallel`), not per call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -21,12 +32,144 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3")
 
 
-class ParallelAttention(Protocol):
-    """A wrapper that distributes attention over ranks and calls `local` on each rank's share."""
+class MaskedAttentionFn(Protocol):
+    """The seam's local kernel: (B, Lq, H, D), (B, Lk, H, D) x2, kv_mask (B, Lk) bool -> (B, Lq, H, D)."""
 
-    def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: AttentionFn
-    ) -> torch.Tensor: ...
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class ParallelAttention(Protocol):
+    """A wrapper that distributes attention over ranks and calls `local` on each rank's share.
+
+    `local` is called as `local(q, k, v)` on dense, real keys, or as `local(q, k, v, kv_mask=...)` when
+    the wrapper hands a mask through unchanged."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: MaskedAttentionFn,
+                 kv_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key padding: which keys each sample keeps, decided once on the host
+
+# A sample's kept keys: None (every key), a prefix length n (keys [0, n)), or the int64 indices (n,).
+Keep = int | torch.Tensor | None
+
+
+def take_keys(x: torch.Tensor, keep: Keep) -> torch.Tensor:
+    """The kept positions of x (B, Lk, H, D) along dim 1: x itself for every key, a view for a prefix,
+    a gathered copy for indices."""
+    if keep is None:
+        return x
+    if isinstance(keep, int):
+        return x.narrow(1, 0, keep)
+    return x.index_select(1, keep)
+
+
+@dataclass(frozen=True)
+class KeySelection:
+    """Which keys of a length-`length` key sequence each sample of a batch attends to.
+
+    `shared`: `keys` holds one entry that applies to every sample (of any batch size when `batch` is
+    None, i.e. the selection came from a mask shared by the batch); otherwise `keys` and `counts` hold
+    one entry per sample of a batch of `batch`. `counts` are the numbers of kept keys (`length` for a
+    sample that keeps every key, whose entry is None: its keys are passed on as they are).
+    """
+
+    length: int
+    keys: tuple[Keep, ...]
+    counts: tuple[int, ...]
+    shared: bool
+    batch: int | None
+
+    @classmethod
+    def every_key(cls, length: int) -> KeySelection:
+        """No padding: every sample attends to all `length` keys."""
+        return cls(length, (None,), (length,), True, None)
+
+    def count(self, sample: int) -> int:
+        """Kept keys of `sample`."""
+        return self.counts[0] if self.shared else self.counts[sample]
+
+    def check_batch(self, batch: int) -> None:
+        if self.batch is not None and self.batch != batch:
+            raise ValueError(f"the key mask was made for a batch of {self.batch} samples, but attention got "
+                             f"a batch of {batch}")
+
+    def pieces(self, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The kernel calls this selection asks for: (rows, q[rows], kept k[rows], kept v[rows]), rows a
+        slice of the batch (all of it when shared). Samples that keep no key are skipped.
+        q (B, Lq, H, D); k, v (B, Lk, H, D)."""
+        if self.shared:
+            if self.counts[0]:
+                keep = self.keys[0]
+                yield slice(None), q, take_keys(k, keep), take_keys(v, keep)
+            return
+        for b, (keep, n) in enumerate(zip(self.keys, self.counts)):
+            if n:
+                rows = slice(b, b + 1)
+                yield rows, q[rows], take_keys(k[rows], keep), take_keys(v[rows], keep)
+
+
+def plan_key_selections(masks: torch.Tensor, device: torch.device,
+                        any_batch: bool = False) -> list[KeySelection]:
+    """One `KeySelection` per group of `masks` (G, B, L) bool (True = real key), with index tensors on
+    `device`. `any_batch`: the masks are shared by the batch (B == 1) and the selections apply to any
+    batch size. Costs exactly one host sync (a `.tolist()` of (3, G, B) statistics); the indices of
+    non-prefix masks are sorted out on the masks' device."""
+    if masks.dtype != torch.bool or masks.ndim != 3:
+        raise ValueError(f"key masks must be bool (G, B, L), got {masks.dtype} {tuple(masks.shape)}")
+    g, b, length = masks.shape
+    counts = masks.sum(-1)  # (G, B)
+    prefix = (masks == (torch.arange(length, device=masks.device) < counts.unsqueeze(-1))).all(-1)
+    same = (masks == masks[:, :1]).all(-1).all(-1, keepdim=True).expand(g, b)  # (G, B)
+    stats = torch.stack([counts, prefix.long(), same.long()]).tolist()  # the one host sync
+    order: torch.Tensor | None = None  # (G, B, L): the real keys' positions first, in order
+
+    def keep(gi: int, bi: int) -> Keep:
+        nonlocal order
+        n = stats[0][gi][bi]
+        if stats[1][gi][bi]:
+            return None if n == length else n
+        if order is None:
+            order = torch.argsort((~masks).to(torch.uint8), dim=-1, stable=True).to(device)
+        return order[gi, bi, :n]
+
+    plans = []
+    for gi in range(g):
+        if stats[2][gi][0]:
+            plans.append(KeySelection(length, (keep(gi, 0),), (stats[0][gi][0],), True,
+                                      None if any_batch else b))
+        else:
+            plans.append(KeySelection(length, tuple(keep(gi, bi) for bi in range(b)), tuple(stats[0][gi]),
+                                      False, b))
+    return plans
+
+
+def key_selection(kv_mask: torch.Tensor, k: torch.Tensor) -> KeySelection:
+    """The selection of one attention call's kv_mask (B, Lk) bool for keys k (B, Lk, H, D); a sample with
+    no real key is an error (its softmax would have nothing to normalise over)."""
+    if kv_mask.dtype != torch.bool or tuple(kv_mask.shape) != tuple(k.shape[:2]):
+        raise ValueError(f"kv_mask must be a bool tensor of shape (batch, keys) = {tuple(k.shape[:2])}, got "
+                         f"{kv_mask.dtype} {tuple(kv_mask.shape)}")
+    sel = plan_key_selections(kv_mask.unsqueeze(0), k.device)[0]
+    empty = [b for b in range(k.shape[0]) if sel.count(b) == 0]
+    if empty:
+        raise ValueError(f"kv_mask: sample(s) {empty} of the batch have no real key (every key is masked); "
+                         "attention needs at least one valid key per sample")
+    return sel
+
+
+def attend_selected(kernel: AttentionFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    sel: KeySelection) -> torch.Tensor:
+    """`kernel` on the kept keys only: one call when the selection is shared, else one per sample (every
+    sample must keep at least one key). q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D)."""
+    sel.check_batch(q.shape[0])
+    outs = [kernel(qr, kr, vr) for _, qr, kr, vr in sel.pieces(q, k, v)]
+    if len(outs) != (1 if sel.shared else q.shape[0]):
+        raise ValueError("attention: a sample has no real key (every key is masked)")
+    return outs[0] if sel.shared else torch.cat(outs, 0)
 
 
 def _sdpa_kernel_context(backend: str):
@@ -109,14 +252,27 @@ class AttentionOp:
         if parallel is not None:
             self.parallel = parallel
 
-    def local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention on this rank's tensors only. (B, L, H, D) -> (B, L, H, D)."""
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The configured kernel on dense inputs (every key real). (B, Lq, H, D), (B, Lk, H, D) x2 ->
+        (B, Lq, H, D)."""
         backend = self.backend if fused_kernel_fits(self.backend, q) else "sdpa"
         if backend == "fa3":
             return _fa3_attention(q, k, v)
         return sdpa_attention(q, k, v, backend)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention on this rank's tensors only: q (B, Lq, H, D), k/v (B, Lk, H, D), kv_mask (B, Lk) bool
+        (True = real key; None = all real) -> (B, Lq, H, D). Padded keys are dropped before the kernel
+        (one host sync per masked call, see the module docstring)."""
+        if kv_mask is None:
+            return self.dense(q, k, v)
+        return attend_selected(self.dense, q, k, v, key_selection(kv_mask, k))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention through the parallel wrapper when one is installed. q (B, Lq, H, D), k/v
+        (B, Lk, H, D), kv_mask (B, Lk) bool or None -> (B, Lq, H, D)."""
         if self.parallel is not None:
-            return self.parallel(q, k, v, self.local)
-        return self.local(q, k, v)
+            return self.parallel(q, k, v, self.local, kv_mask)
+        return self.local(q, k, v) if kv_mask is None else self.local(q, k, v, kv_mask)

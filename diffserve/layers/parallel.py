@@ -16,6 +16,17 @@ Padding: shards have one length per forward (`SequenceLayout.local_len`); positi
 marked in `SequenceLayout.valid` and their keys are *removed* before any kernel runs, so padding never
 changes a result. Padded query rows produce values that the caller drops when it gathers.
 
+Key padding (padded text of different lengths in one batch): `SequenceLayout.valid` may be per sample,
+(B, P, local_len), the shard padding and each sample's key mask combined; a transform builds it from the
+full masks before sharding. Under `sharded(layout)` the wrapper takes key validity from the layout only:
+the per-call `kv_mask` (the local slice of the same information) is checked for its shape and otherwise
+not read. The selection of each K/V block's keys (`KeySelection`, one per ring rank) is planned once
+when `sharded()` is entered (one host sync per forward, none per attention call). Ulysses: after the
+all-to-all each sample attends to its own valid keys (one kernel call when the samples agree, else one per
+sample). Ring: each block's valid keys per sample, merged per sample with the log-sum-exp; a block with no
+valid key for a sample is skipped for that sample. Outside `sharded()` the wrapper hands `kv_mask` to the
+local kernel.
+
 Pure helpers (all-to-all reshapes, LSE merge, the log-sum-exp kernel) are separate functions so they can
 be tested without a process group.
 """
@@ -29,7 +40,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from diffserve.layers.attention import AttentionFn
+from diffserve.layers.attention import (
+    KeySelection,
+    MaskedAttentionFn,
+    attend_selected,
+    plan_key_selections,
+)
 
 # (B, L, H, D) x3 -> out (B, L, H, D), lse (B, H, L) float32
 LseAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -55,10 +71,18 @@ class CommGroup:
 @dataclass(frozen=True)
 class SequenceLayout:
     """How the sequence is cut for one forward: every sequence-parallel rank holds `local_len` positions;
-    `valid` (P, local_len) bool marks the real tokens of each rank's shard (None: no padding)."""
+    `valid` marks the real tokens of each rank's shard, as keys: (P, local_len) bool when shared by the
+    batch (shard padding only), or (B, P, local_len) bool per sample (shard padding and key padding
+    combined). None: no padding."""
 
     local_len: int
     valid: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        v = self.valid
+        if v is not None and (v.dtype != torch.bool or v.ndim not in (2, 3) or v.shape[-1] != self.local_len):
+            raise ValueError(f"SequenceLayout.valid must be bool (P, {self.local_len}) or (B, P, "
+                             f"{self.local_len}), got {v.dtype} {tuple(v.shape)}")
 
 
 def check_heads(heads: int, ulysses: int) -> None:
@@ -188,31 +212,54 @@ def _start_shift(kv: torch.Tensor, group: CommGroup) -> tuple[torch.Tensor, list
     return buf, dist.batch_isend_irecv(ops)
 
 
+# Running (out (B, L, H, D) float32, lse (B, H, L) float32) of a blockwise attention; None before any block
+Partial = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def attend_block(acc: Partial, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: KeySelection,
+                 kernel: LseAttentionFn) -> Partial:
+    """Merge the attention of q (B, Lq, H, D) over one K/V block's kept keys (k, v (B, Lk, H, D), `sel`)
+    into the running partial `acc`, per sample: a sample that keeps no key of this block is left as it
+    was. A sample no block has reached yet holds out 0 and lse -inf, which the merge turns into the
+    block's own result exactly."""
+    for rows, qr, kr, vr in sel.pieces(q, k, v):
+        o, s = kernel(qr, kr, vr)
+        if acc is None and rows == slice(None):
+            acc = (o.float(), s)
+            continue
+        if acc is None:
+            b, lq, h, _ = q.shape
+            acc = (q.new_zeros(q.shape, dtype=torch.float32),
+                   q.new_full((b, h, lq), float("-inf"), dtype=torch.float32))
+        out, lse = acc
+        merged_out, merged_lse = merge_partials(out[rows], lse[rows], o, s)
+        if rows == slice(None):
+            acc = (merged_out, merged_lse)
+        else:
+            out[rows], lse[rows] = merged_out, merged_lse
+    return acc
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: CommGroup,
-                   keep: list[torch.Tensor | None], kernel: LseAttentionFn) -> torch.Tensor:
+                   blocks: list[KeySelection], kernel: LseAttentionFn) -> torch.Tensor:
     """Blockwise attention of the local queries over every ring rank's K/V, merged with log-sum-exp.
 
-    q, k, v (B, Ls, H, D) local; keep[r] the positions of ring rank r's block that are real keys (None:
-    all). Returns (B, Ls, H, D) in q's dtype.
+    q, k, v (B, Ls, H, D) local; blocks[r] the keys of ring rank r's block that each sample attends to.
+    Returns (B, Ls, H, D) in q's dtype.
     """
     kv = torch.stack([k, v]).contiguous()
-    out: torch.Tensor | None = None
-    lse: torch.Tensor | None = None
+    acc: Partial = None
     for step in range(group.size):
         pending = _start_shift(kv, group) if step + 1 < group.size else None
         src = (group.rank - step) % group.size
-        kb, vb = kv[0], kv[1]
-        if keep[src] is not None:
-            kb, vb = kb.index_select(1, keep[src]), vb.index_select(1, keep[src])
-        if kb.shape[1] > 0:
-            o, s = kernel(q, kb, vb)
-            out, lse = (o.float(), s) if out is None else merge_partials(out, lse, o, s)  # type: ignore[arg-type]
+        acc = attend_block(acc, q, kv[0], kv[1], blocks[src], kernel)
         if pending is not None:
             kv, reqs = pending
             for r in reqs:
                 r.wait()
-    assert out is not None, "ring attention: no valid key anywhere in the sequence"
-    return out.to(q.dtype)
+    if acc is None:
+        raise ValueError("ring attention: no valid key anywhere in the sequence")
+    return acc[0].to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,7 +276,7 @@ class USPAttention:
     def __init__(self, ulysses: CommGroup, ring: CommGroup, lse_kernel: LseAttentionFn | None = None) -> None:
         self.ulysses, self.ring = ulysses, ring
         self.lse_kernel: LseAttentionFn = lse_kernel or sdpa_attention_lse
-        self._keep: list[torch.Tensor | None] | None = None
+        self._blocks: list[KeySelection] | None = None  # per ring rank, while `sharded` is active
 
     @property
     def name(self) -> str:
@@ -237,40 +284,54 @@ class USPAttention:
             self.ring.size > 1)
         return "x".join(parts) or "local"
 
-    def keep_indices(self, layout: SequenceLayout, device: torch.device) -> list[torch.Tensor | None]:
-        """Per ring rank r, the valid positions of the keys it holds after the Ulysses all-to-all (the
-        shards of sequence-parallel ranks r*U .. r*U+U-1, concatenated); None when all are valid."""
-        u, r = self.ulysses.size, self.ring.size
-        if layout.valid is None:
-            return [None] * r
-        if layout.valid.shape != (u * r, layout.local_len):
-            raise ValueError(f"layout.valid has shape {tuple(layout.valid.shape)}, expected ({u * r}, "
-                             f"{layout.local_len}) for ulysses {u} x ring {r}")
-        blocks = layout.valid.reshape(r, u * layout.local_len)
-        return [None if bool(b.all()) else b.nonzero().flatten().to(device) for b in blocks]
+    def key_selections(self, layout: SequenceLayout, device: torch.device) -> list[KeySelection]:
+        """Per ring rank r, the keys of the block it holds after the Ulysses all-to-all (the shards of
+        sequence-parallel ranks r*U .. r*U+U-1, concatenated) that each sample attends to. One host sync
+        (none when nothing is padded); a sample with no valid key in the whole sequence is an error."""
+        u, r, n = self.ulysses.size, self.ring.size, layout.local_len
+        valid = layout.valid
+        if valid is None:
+            return [KeySelection.every_key(u * n)] * r
+        if tuple(valid.shape[-2:]) != (u * r, n):
+            raise ValueError(f"layout.valid has shape {tuple(valid.shape)}, expected ([B,] {u * r}, {n}) for "
+                             f"ulysses {u} x ring {r}")
+        blocks = valid.reshape(-1, r, u * n).transpose(0, 1)  # (R, B or 1, U*local_len)
+        sels = plan_key_selections(blocks, device, any_batch=valid.ndim == 2)
+        empty = [b for b in range(blocks.shape[1]) if not any(sel.count(b) for sel in sels)]
+        if empty:
+            who = "the batch" if valid.ndim == 2 else f"sample(s) {empty}"
+            raise ValueError(f"layout.valid: {who} has no valid key anywhere in the sequence; attention needs "
+                             "at least one real key per sample")
+        return sels
 
     @contextmanager
     def sharded(self, layout: SequenceLayout, device: torch.device) -> Iterator[None]:
         """Within this block, attention calls receive shards cut as `layout` says."""
-        prev = self._keep
-        self._keep = self.keep_indices(layout, device)
+        prev = self._blocks
+        self._blocks = self.key_selections(layout, device)
         try:
             yield
         finally:
-            self._keep = prev
+            self._blocks = prev
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: AttentionFn) -> torch.Tensor:
-        keep = self._keep
-        if keep is None:
-            return local(q, k, v)
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: MaskedAttentionFn,
+                 kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k, v (B, Ls, H, D) shards (or whole sequences outside `sharded`), kv_mask (B, Ls) bool or None
+        -> (B, Ls, H, D). Under `sharded` the layout says which keys are real; kv_mask is only checked for
+        its shape (see the module docstring)."""
+        blocks = self._blocks
+        if blocks is None:
+            return local(q, k, v) if kv_mask is None else local(q, k, v, kv_mask=kv_mask)
+        if kv_mask is not None and tuple(kv_mask.shape) != tuple(k.shape[:2]):
+            raise ValueError(f"kv_mask has shape {tuple(kv_mask.shape)}, expected this rank's (batch, keys) = "
+                             f"{tuple(k.shape[:2])}")
+        blocks[0].check_batch(q.shape[0])
         check_heads(q.shape[2], self.ulysses.size)
         q, k, v = (ulysses_scatter_heads(t, self.ulysses) for t in (q, k, v))
         if self.ring.size == 1:
-            if keep[0] is not None:
-                k, v = k.index_select(1, keep[0]), v.index_select(1, keep[0])
-            out = local(q, k, v)
+            out = attend_selected(local, q, k, v, blocks[0])
         else:
-            out = ring_attention(q, k, v, self.ring, keep, self.lse_kernel)
+            out = ring_attention(q, k, v, self.ring, blocks, self.lse_kernel)
         return ulysses_gather_heads(out, self.ulysses)
 
 
