@@ -56,6 +56,9 @@ class EngineConfig:
     # measured slower with them, Wan faster). See DESIGN-NOTES 14.
     fuse: bool | None = None
     vae_dtype: torch.dtype | None = None  # None: the reference's choice (fp32 for Wan, engine dtype for FLUX)
+    # Tiled VAE decoding for video models whose VAE supports it (HunyuanVideo): True/False, or None = tiled
+    # only where the untiled decode is estimated not to fit the device's free memory.
+    vae_tiling: bool | None = None
 
     @property
     def fusions_enabled(self) -> bool:

@@ -170,8 +170,10 @@ def load_dit(build: Callable[[], M], folder: Path, dtype: torch.dtype, device: t
 ALLOWED_CLASSES: dict[str, tuple[str, ...]] = {
     "transformers": ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel",
                      "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast",
-                     "T5Tokenizer", "T5TokenizerFast", "CLIPImageProcessor"),
-    "diffusers": ("AutoencoderKL", "AutoencoderKLWan", "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"),
+                     "T5Tokenizer", "T5TokenizerFast", "CLIPImageProcessor", "LlamaModel", "LlamaTokenizer",
+                     "LlamaTokenizerFast"),
+    "diffusers": ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "FlowMatchEulerDiscreteScheduler",
+                  "UniPCMultistepScheduler"),
 }
 
 

@@ -10,6 +10,7 @@ from diffserve.layers.attention import AttentionOp
 from diffserve.models.loader import ModelIndex
 from diffserve.pipelines.base import ComposedPipeline
 from diffserve.pipelines.flux import build_flux_pipeline
+from diffserve.pipelines.hunyuan_video import build_hunyuan_video_pipeline
 from diffserve.pipelines.wan import build_wan_i2v_pipeline, build_wan_t2v_pipeline
 
 Builder = Callable[[ModelIndex, EngineConfig, AttentionOp], ComposedPipeline]
@@ -19,6 +20,7 @@ PIPELINES: dict[str, Builder] = {
     "WanPipeline": build_wan_t2v_pipeline,
     "WanDMDPipeline": build_wan_t2v_pipeline,  # FastWan: Wan2.1 T2V weights, distilled few-step schedule
     "WanImageToVideoPipeline": build_wan_i2v_pipeline,
+    "HunyuanVideoPipeline": build_hunyuan_video_pipeline,
 }
 
 
