@@ -9,11 +9,12 @@ import torch
 
 from diffserve import Engine, GenerationRequest
 from diffserve.errors import InvalidRequestError
-from diffserve.pipelines.wan_schedules import DMDSampler, dmd_schedule
+from diffserve.pipelines.wan import FASTWAN_DMD_STEPS, FASTWAN_SHIFT
+from diffserve.schedulers.dmd import DMDSampler, dmd_schedule
 
 
 def test_dmd_schedule_values() -> None:
-    timesteps, sigmas = dmd_schedule()
+    timesteps, sigmas = dmd_schedule(FASTWAN_DMD_STEPS, FASTWAN_SHIFT)
     # rows 0, 243, 478 of the shift-8 table: sigma = 8s / (1 + 7s) with s = 1 - row * 0.999 / 999
     expected = [8 * s / (1 + 7 * s) for s in (1.0, 1 - 243 / 1000, 1 - 478 / 1000)]
     assert sigmas.tolist()[:3] == pytest.approx(expected, abs=1e-6) and sigmas[-1] == 0
@@ -22,15 +23,14 @@ def test_dmd_schedule_values() -> None:
 
 def test_dmd_sampler_recovers_clean_latents() -> None:
     """If the model predicts the exact velocity noise - x0 at every step, the sampler ends on x0."""
-    timesteps, sigmas = dmd_schedule()
+    timesteps, sigmas = dmd_schedule(FASTWAN_DMD_STEPS, FASTWAN_SHIFT)
     x0 = torch.randn(2, 4, 3, 2, 2)
-    req = [GenerationRequest(prompt="p", seed=5, num_outputs=2)]
-    sampler = DMDSampler(timesteps, sigmas, req)
+    sampler = DMDSampler(timesteps, sigmas, [(6, 2)])
     x = torch.randn_like(x0)  # sigma 1: pure noise
-    for i, t in enumerate(sampler.timesteps):
+    for i in range(len(sampler.timesteps)):
         s = sampler.sigmas[i]
         noise = (x - (1 - s) * x0) / s  # the noise that x carries at this sigma
-        x, _ = sampler.step(noise - x0, t, x)
+        x = sampler.step(noise - x0, i, x)
     assert torch.allclose(x, x0, atol=1e-5)
 
 

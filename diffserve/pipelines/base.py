@@ -19,6 +19,7 @@ import torch
 from diffserve.config import GenerationRequest, ModelDefaults, resolve_request
 from diffserve.errors import CancelledError, CheckpointError, InvalidRequestError
 from diffserve.models.loader import read_json
+from diffserve.schedulers.sampler import Sampler
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
@@ -38,7 +39,7 @@ class PipelineState:
     latents: torch.Tensor | None = None
     sigmas: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
-    sampler: object | None = None  # a stateful multistep sampler (e.g. UniPC) set up for this batch
+    sampler: Sampler | None = None  # this batch's sampler, made by the timestep stage (may keep history)
     pixels: torch.Tensor | None = None  # decoded output in [0, 1]: (B, 3, H, W) or (B, 3, F, H, W)
 
     @property

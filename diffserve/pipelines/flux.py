@@ -1,8 +1,8 @@
 """FLUX.1 text-to-image (dev and schnell), as a list of stages.
 
 Recipe: CLIP pooled + T5 prompt embeddings -> Gaussian latents packed 2x2 into tokens -> flow-match
-sigmas shifted for the resolution -> Euler denoising with our FLUX transformer (guidance embedded for
-dev) -> unpack, undo the VAE scaling/shift, VAE decode.
+sigmas shifted for the resolution -> Euler denoising with our FLUX transformer in the shared denoising
+stage (guidance embedded for dev) -> unpack, undo the VAE scaling/shift, VAE decode.
 """
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ from diffserve.pipelines.base import (
     replace_defaults,
     repo_defaults,
 )
+from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise
 from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output, t5_hidden_states
-from diffserve.schedulers.flow_match import (
-    FlowMatchConfig,
-    euler_step,
-    flow_match_sigmas,
-    sigmas_to_timesteps,
-)
+from diffserve.schedulers.flow_match import FlowMatchConfig, FlowMatchEulerSampler
+from diffserve.schedulers.guidance import EmbeddedGuidance, Guidance, NoGuidance
 
 DEFAULT_SAMPLE_SIZE = 128  # latent pixels: 1024 px at the usual VAE factor 8
 
@@ -107,6 +104,8 @@ class FluxLatentStage(PipelineStage):
 
 
 class FluxTimestepStage(PipelineStage):
+    """Flow-match Euler over the default sigmas, shifted for the number of image tokens."""
+
     name = "timestep_preparation"
 
     def __init__(self, c: FluxComponents) -> None:
@@ -114,40 +113,42 @@ class FluxTimestepStage(PipelineStage):
 
     def run(self, state: PipelineState) -> None:
         assert state.latents is not None
-        sigmas = flow_match_sigmas(state.request.num_inference_steps, self.c.scheduler, state.latents.shape[1])
-        state.sigmas = sigmas.to(state.device)
-        state.timesteps = sigmas_to_timesteps(sigmas, self.c.scheduler).to(state.device)
+        sampler = FlowMatchEulerSampler.create(state.request.num_inference_steps, self.c.scheduler, state.device,
+                                               image_seq_len=state.latents.shape[1])
+        state.sampler, state.sigmas, state.timesteps = sampler, sampler.sigmas, sampler.timesteps
 
 
-class FluxDenoisingStage(PipelineStage):
-    name = "denoising"
+class FluxPredictor:
+    """FLUX's model call for the shared denoising stage. The guidance scale (dev) is a model input, so the
+    stage's guidance is `EmbeddedGuidance` and there is one branch, `state.cond`.
+
+    Every step's AdaNorm outputs are computed once per generation in `prepare` (same values as per step;
+    the ~3.2 B modulation weights are read once per generation instead of once per step)."""
 
     def __init__(self, c: FluxComponents) -> None:
         self.c = c
 
-    @torch.no_grad()
-    def run(self, state: PipelineState) -> None:
-        assert state.latents is not None and state.sigmas is not None and state.timesteps is not None
-        model, x = self.c.transformer, state.latents
-        embeds, pooled = state.cond["prompt_embeds"], state.cond["pooled"]
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=state.device, dtype=state.dtype)
+    def prepare(self, state: PipelineState) -> PredictFn:
+        assert state.latents is not None and state.sampler is not None
+        model, x = self.c.transformer, state.latents  # read now: a parallel transform may have replaced it
+        batch, pooled = x.shape[0], state.cond["pooled"]
+        txt_ids = torch.zeros(state.cond["prompt_embeds"].shape[1], 3, device=state.device, dtype=state.dtype)
         img_ids = state.image_cond["img_ids"]
         guidance = None
         if model.cfg.guidance_embeds:
-            guidance = torch.full((x.shape[0],), state.request.guidance_scale, device=state.device,
-                                  dtype=torch.float32)
-        total, batch = len(state.timesteps), x.shape[0]
-        # every step's AdaNorm outputs in one pass (same values as per step; the modulation weights are
-        # read once per generation instead of once per step)
-        table = model.step_modulations(state.timesteps.to(x.dtype) / 1000, pooled, guidance)
-        for i in range(total):
-            state.check_cancelled()
-            t = state.timesteps[i].expand(batch).to(x.dtype)
-            v = model(x, embeds, pooled, t / 1000, img_ids, txt_ids, guidance,
-                      modulation=table.rows(i * batch, (i + 1) * batch))
-            x = euler_step(x, v, state.sigmas[i], state.sigmas[i + 1])
-            state.step_done(i + 1, total)
-        state.latents = x
+            guidance = torch.full((batch,), state.request.guidance_scale, device=state.device, dtype=torch.float32)
+        table = model.step_modulations(state.sampler.timesteps.to(x.dtype) / 1000, pooled, guidance)
+
+        def predict(x: torch.Tensor, i: int, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+            return model(x, cond["prompt_embeds"], cond["pooled"], t.expand(batch).to(x.dtype) / 1000, img_ids,
+                         txt_ids, guidance, modulation=table.rows(i * batch, (i + 1) * batch))
+
+        return predict
+
+
+def flux_guidance(c: FluxComponents) -> Guidance:
+    """dev embeds the guidance scale in the model; schnell (timestep-distilled) takes none."""
+    return EmbeddedGuidance() if c.transformer.cfg.guidance_embeds else NoGuidance()
 
 
 class FluxDecodingStage(PipelineStage):
@@ -210,6 +211,6 @@ def build_flux_pipeline(index: ModelIndex, cfg: EngineConfig, attention: Attenti
     defaults = flux_defaults(c, repo_defaults(index.root))
     stages: list[PipelineStage] = [
         FluxInputStage(defaults), FluxTextEncodingStage(c), FluxLatentStage(c), FluxTimestepStage(c),
-        FluxDenoisingStage(c), FluxDecodingStage(c),
+        DenoisingStage(FluxPredictor(c), flux_guidance(c)), FluxDecodingStage(c),
     ]
     return ComposedPipeline("FluxPipeline", stages, defaults, components=c)

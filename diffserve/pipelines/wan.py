@@ -1,18 +1,32 @@
 """Wan2.1 text-to-video and image-to-video, and FastWan (few-step distilled Wan), as lists of stages.
 
 Recipe: UMT5 prompt embeddings (and negative prompt for CFG) -> [I2V: CLIP image tokens, VAE-encoded
-first frame + mask] -> float32 Gaussian latents (B, 16, (F-1)/4+1, H/8, W/8) -> the checkpoint's scheduler
-(flow UniPC, or the distilled few-step schedule) -> denoising with our Wan transformer, CFG as
-uncond + s * (cond - uncond) -> latents * std + mean -> Wan VAE decode.
+first frame + mask] -> float32 Gaussian latents (B, 16, (F-1)/4+1, H/8, W/8) -> the checkpoint's sampler
+(flow UniPC, or the distilled few-step schedule) -> the shared denoising stage with our Wan transformer, CFG
+as uncond + s * (cond - uncond) -> latents * std + mean -> Wan VAE decode.
+
+Which sampler a checkpoint runs is chosen from the checkpoint itself (no user flag), `schedule_from_checkpoint`:
+- Wan2.1 checkpoints (`WanPipeline`, `WanImageToVideoPipeline`) ship a flow-prediction
+  `UniPCMultistepScheduler` (flow_shift 3.0): `schedulers.unipc.UniPCSampler` runs it.
+- FastWan checkpoints (FastVideo's few-step DMD-distilled Wan2.1, `model_index.json` class
+  `WanDMDPipeline`; their `scheduler/` folder is the base model's UniPC config, which is *not* what they
+  were distilled for) run the distilled schedule (`schedulers.dmd`): denoising steps (1000, 757, 522) read
+  as positions in a 1000-step flow-match table with shift 8.0 ("warped" steps: model timesteps 1000, 961.4,
+  897.3), each step predicting x0 = x - sigma * v and re-noising it to the next step's sigma with fresh
+  Gaussian noise (seeded with the request's seed + 1); no classifier-free guidance by default. Source:
+  FastVideo's Wan DMD pipeline config (dmd_denoising_steps, flow shift 8, warp_denoising_step) and its
+  `pred_noise_to_pred_video` / `add_noise`; defaults 3 steps at 61 x 448 x 832.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from diffserve.config import EngineConfig, ModelDefaults
+from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults
+from diffserve.errors import CheckpointError, InvalidRequestError
 from diffserve.layers.attention import AttentionOp
 from diffserve.models.dits.wan import WanConfig, WanTransformer
 from diffserve.models.loader import ModelIndex, load_component, load_dit, read_json
@@ -24,9 +38,55 @@ from diffserve.pipelines.base import (
     replace_defaults,
     repo_defaults,
 )
+from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise
 from diffserve.pipelines.stages.text import repeat_per_output, umt5_embeddings
-from diffserve.pipelines.wan_schedules import WanSchedule, schedule_from_checkpoint
+from diffserve.schedulers.dmd import DMDSampler, dmd_schedule
+from diffserve.schedulers.guidance import ClassifierFreeGuidance
+from diffserve.schedulers.sampler import Sampler
+from diffserve.schedulers.unipc import UniPCSampler
+
+FASTWAN_DMD_STEPS = (1000, 757, 522)  # the denoising steps FastWan was distilled for
+FASTWAN_SHIFT = 8.0
+
+
+@dataclass(frozen=True)
+class WanSchedule:
+    """Which sampler a Wan checkpoint runs (`kind`), and the request defaults that go with it."""
+
+    kind: Literal["unipc", "dmd"]
+    scheduler_config: dict
+    default_steps: int
+    default_guidance: float
+    default_size: tuple[int, int, int] = (480, 832, 81)  # height, width, frames
+
+    def new_sampler(self, steps: int, device: torch.device, requests: list[GenerationRequest]) -> Sampler:
+        """A fresh sampler for one batch."""
+        if self.kind == "unipc":
+            return UniPCSampler(self.scheduler_config, steps, device)
+        if self.kind == "dmd":
+            if steps != len(FASTWAN_DMD_STEPS):
+                raise InvalidRequestError(
+                    f"num_inference_steps={steps} is not accepted: this few-step distilled (FastWan) model runs "
+                    f"its {len(FASTWAN_DMD_STEPS)}-step schedule; use {len(FASTWAN_DMD_STEPS)}",
+                    param="num_inference_steps")
+            timesteps, sigmas = dmd_schedule(FASTWAN_DMD_STEPS, FASTWAN_SHIFT)
+            seeds = [(int(r.seed) + 1, r.num_outputs) for r in requests]  # type: ignore[arg-type]
+            return DMDSampler(timesteps.to(device), sigmas, seeds)
+        raise CheckpointError(f"unknown Wan schedule kind {self.kind!r}")
+
+
+def schedule_from_checkpoint(index: ModelIndex) -> WanSchedule:
+    """The schedule the checkpoint asks for: its pipeline class first (FastWan), then its scheduler."""
+    raw = read_json(index.folder("scheduler") / "scheduler_config.json")
+    if index.pipeline_class == "WanDMDPipeline":
+        return WanSchedule("dmd", raw, default_steps=len(FASTWAN_DMD_STEPS), default_guidance=1.0,
+                           default_size=(448, 832, 61))
+    cls = raw.get("_class_name")
+    if cls == "UniPCMultistepScheduler":
+        return WanSchedule("unipc", raw, default_steps=50, default_guidance=5.0)
+    raise CheckpointError(f"{index.root}: Wan scheduler {cls!r} is not supported; supported: UniPCMultistepScheduler "
+                          f"(Wan2.1) or a WanDMDPipeline (FastWan) checkpoint")
 
 
 @dataclass
@@ -123,6 +183,8 @@ class WanLatentStage(PipelineStage):
 
 
 class WanTimestepStage(PipelineStage):
+    """The checkpoint's sampler (`WanSchedule`), made fresh for the batch."""
+
     name = "timestep_preparation"
 
     def __init__(self, c: WanComponents) -> None:
@@ -130,40 +192,28 @@ class WanTimestepStage(PipelineStage):
 
     def run(self, state: PipelineState) -> None:
         state.sampler = self.c.schedule.new_sampler(state.request.num_inference_steps, state.device, state.requests)
-        state.timesteps = state.sampler.timesteps  # type: ignore[attr-defined]
+        state.timesteps = state.sampler.timesteps
 
 
-class WanDenoisingStage(PipelineStage):
-    name = "denoising"
-    cfg_parallel = None  # set by diffserve.parallel.cfg: runs the two CFG branches on two ranks
+class WanPredictor:
+    """Wan's model call for the shared denoising stage: the latents (I2V: with the first-frame mask and
+    latents in front of them on the channel axis) in the transformer's dtype, one branch's text context,
+    and the I2V image tokens. CFG is the stage's (`ClassifierFreeGuidance`)."""
 
     def __init__(self, c: WanComponents) -> None:
         self.c = c
 
-    @torch.no_grad()
-    def run(self, state: PipelineState) -> None:
-        assert state.latents is not None and state.timesteps is not None and state.sampler is not None
-        model, x, sampler = self.c.transformer, state.latents, state.sampler
+    def prepare(self, state: PipelineState) -> PredictFn:
+        model = self.c.transformer  # read now: a parallel transform may have replaced it
         dt = model.patch_embedding.weight.dtype
-        scale = state.request.guidance_scale
-        img = state.image_cond.get("image_context")
-        cond = state.image_cond.get("condition")
-        total = len(state.timesteps)
-        for i, t in enumerate(state.timesteps):
-            state.check_cancelled()
-            inp = (torch.cat([x, cond], dim=1) if cond is not None else x).to(dt)
-            ts = t.expand(x.shape[0])
-            if state.uncond is not None and self.cfg_parallel is not None:
-                branch = lambda ctx, inp=inp, ts=ts: model(inp, ts, ctx, img)
-                v = self.cfg_parallel(branch, state.cond["context"], state.uncond["context"], scale)
-            else:
-                v = model(inp, ts, state.cond["context"], img)
-                if state.uncond is not None:
-                    v_u = model(inp, ts, state.uncond["context"], img)
-                    v = v_u + scale * (v - v_u)
-            x = sampler.step(v, t, x, return_dict=False)[0]  # type: ignore[attr-defined]
-            state.step_done(i + 1, total)
-        state.latents = x
+        image_context = state.image_cond.get("image_context")
+        condition = state.image_cond.get("condition")
+
+        def predict(x: torch.Tensor, i: int, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+            inp = (torch.cat([x, condition], dim=1) if condition is not None else x).to(dt)
+            return model(inp, t.expand(x.shape[0]), cond["context"], image_context)
+
+        return predict
 
 
 class WanDecodingStage(PipelineStage):
@@ -221,7 +271,8 @@ def _build(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, i2v: bo
     stages: list[PipelineStage] = [InputValidationStage(defaults), WanTextEncodingStage(c)]
     if i2v:
         stages.append(WanImageEncodingStage(c))
-    stages += [WanLatentStage(c), WanTimestepStage(c), WanDenoisingStage(c), WanDecodingStage(c)]
+    stages += [WanLatentStage(c), WanTimestepStage(c),
+               DenoisingStage(WanPredictor(c), ClassifierFreeGuidance()), WanDecodingStage(c)]
     name = "WanImageToVideoPipeline" if i2v else "WanPipeline"
     return ComposedPipeline(name, stages, defaults, components=c)
 
