@@ -9,7 +9,7 @@ import pytest
 from diffserve import Engine
 from diffserve.embedded import embedded_model
 from diffserve.testing.batched import generate_outputs
-from diffserve.testing.shapes import caption, check_image, heldout_triples, sample_scene
+from tools.train_embedded.shapes import caption, check_image, heldout_triples, sample_scene
 
 pytestmark = pytest.mark.skipif(embedded_model("image") is None, reason="no embedded image model shipped")
 

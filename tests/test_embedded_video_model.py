@@ -13,7 +13,7 @@ from diffserve import Engine
 from diffserve.cli import main
 from diffserve.embedded import embedded_model
 from diffserve.testing.batched import generate_outputs
-from diffserve.testing.shapes import (
+from tools.train_embedded.shapes import (
     DIRECTIONS,
     Scene,
     caption,

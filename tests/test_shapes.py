@@ -1,4 +1,4 @@
-"""Tests for diffserve.testing.shapes: the procedural scenes the embedded models are trained on and the
+"""Tests for tools.train_embedded.shapes: the procedural scenes the embedded models are trained on and the
 automatic checker that grades them. Acceptance rates are printed (run with ``-s`` to see them)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from diffserve.testing import shapes as S
-from diffserve.testing.shapes import Scene
+from tools.train_embedded import shapes as S
+from tools.train_embedded.shapes import Scene
 
 IMAGE_CAPTION = re.compile(
     r"a (small|large) (red|green|blue|yellow|orange|purple) (circle|square|triangle) in the "

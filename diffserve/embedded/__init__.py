@@ -1,7 +1,7 @@
 """Models diffserve trained itself and ships (tools/train_embedded), used when no --model-path is given.
 
 They are small diffusers-format repos of the real architectures (FLUX for images, Wan2.1 for videos),
-trained on procedurally generated scenes of coloured shapes (`diffserve.testing.shapes`), so the main
+trained on procedurally generated scenes of coloured shapes (`tools.train_embedded.shapes`), so the main
 command works on any machine with no download.
 """
 

@@ -1,7 +1,7 @@
 """Pieces shared by the embedded-model trainers: wall-clock budgets, the procedural data stream and the
 on-device replay pool, EMA, learning-rate schedule, logging, checkpoint and diffusers-repo writing.
 
-Data: ``diffserve.testing.shapes`` renders scenes on the CPU. :class:`Feeder` runs a ``DataLoader`` over
+Data: ``tools.train_embedded.shapes`` renders scenes on the CPU. :class:`Feeder` runs a ``DataLoader`` over
 :class:`ChunkStream` (chunk ``k`` of the stream is rendered from ``np.random.default_rng([seed, k])``, so
 the stream is a pure function of the seed and resumes at any chunk) in background workers, and the
 training loop moves whatever chunks are ready into a :class:`RingPool` on the device, from which it
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-SHAPES_MODULE = "diffserve.testing.shapes"
+SHAPES_MODULE = "tools.train_embedded.shapes"
 T5_LENGTHS = (32, 64, 128, 256)
 """T5 sequence lengths `choose_t5_length` picks from (the pipeline pads every prompt to this length)."""
 
@@ -38,7 +38,7 @@ Render = Callable[[np.random.Generator, int], tuple[np.ndarray, list[str]]]
 
 
 def shapes_module() -> ModuleType:
-    """``diffserve.testing.shapes`` (the procedural scene generator and its checkers)."""
+    """``tools.train_embedded.shapes`` (the procedural scene generator and its checkers)."""
     try:
         return importlib.import_module(SHAPES_MODULE)
     except ImportError as e:

@@ -4,7 +4,10 @@ The embedded default models are trained on tiny synthetic scenes -- one coloured
 background -- and judged by :func:`check_image` / :func:`check_video` on prompts whose
 (colour, shape, position) combination never occurred in training (:func:`heldout_triples`; videos:
 (colour, shape, motion), :func:`heldout_motion_triples`). Numpy and PIL only, deterministic
-given a ``numpy.random.Generator``. Run ``python -m diffserve.testing.shapes OUT_DIR`` for sample sheets.
+given a ``numpy.random.Generator``. Run ``python -m tools.train_embedded.shapes OUT_DIR`` for sample sheets.
+
+It lives beside the trainers, outside the ``diffserve`` package: the runtime never uses it; the trainers and
+the tests of the shapes data and of the shipped models import it from here (run from the repository root).
 
 Caption grammar (the size word is always present, so the article is always "a"):
 
@@ -525,7 +528,7 @@ def _sheet(tiles: list[tuple[np.ndarray, str]], scale: int, cols: int) -> Image.
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m diffserve.testing.shapes OUT_DIR``: write images.png and videos.png contact sheets of
+    """``python -m tools.train_embedded.shapes OUT_DIR``: write images.png and videos.png contact sheets of
     random scenes with their captions and the checker's verdict, for eyeballing."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
