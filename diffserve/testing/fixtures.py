@@ -43,6 +43,14 @@ Fixtures (``scale="tiny"``; widths are chosen so the engine's shape plumbing is 
   (hidden 32) for the pooled vector, AutoencoderKLHunyuanVideo with four 4-channel blocks (the real 8x
   spatial / 4x temporal compression, 4 latent channels, scaling 0.476986), the real scheduler config
   (flow-match Euler, shift 7.0).
+* ``qwen-image`` / ``qwen-image-edit``: Qwen/Qwen-Image and Qwen/Qwen-Image-Edit: QwenImageTransformer2DModel
+  (2 blocks, 4 heads x 16, RoPE 4/6/6, in_channels 64), AutoencoderKLQwenImage (base_dim 3, the real
+  16-channel latent statistics, 8x), Qwen2_5_VLForConditionalGeneration (text: 2 layers, hidden 16, 2:1
+  grouped heads, the real 152064-entry vocabulary and special token ids; vision: 2 blocks of 16, the real
+  patch / merge / window sizes) with the tiny Qwen2 BPE tokenizer (its tokens for the real templates'
+  system turns are exactly the 34 / 64 the pipelines drop), the real scheduler config (dynamic shift,
+  shift_terminal 0.02). The edit repo adds ``processor/`` (that tokenizer and the real Qwen2-VL image
+  processor config capped at 112x112 pixels).
 * ``wan-t2v-14b``: ``scale="full"`` only (Wan2.1-T2V-14B-Diffusers).
 
 What the FastWan2.1-T2V-1.3B-Diffusers repo looks like (researched from public sources, not from the
@@ -101,7 +109,8 @@ FIXTURE_VERSION = "1"
 """Hashed into the cache folder names. The builder's source is hashed too, so bump this only when the
 output changes for another reason (e.g. a behaviour change in a dependency that keeps its version)."""
 
-FIXTURES: tuple[str, ...] = ("flux-dev", "flux-schnell", "wan-t2v", "wan-i2v", "fastwan-t2v", "hunyuan-video")
+FIXTURES: tuple[str, ...] = ("flux-dev", "flux-schnell", "wan-t2v", "wan-i2v", "fastwan-t2v", "hunyuan-video",
+                             "qwen-image", "qwen-image-edit")
 """Fixtures that exist at ``scale="tiny"`` (and ``"full"``)."""
 FULL_ONLY: tuple[str, ...] = ("wan-t2v-14b",)
 """Repos that can only be built at ``scale="full"``."""
@@ -128,7 +137,7 @@ class RepoSpec:
     """Which real repo a fixture mirrors and how it differs from it."""
 
     name: str
-    family: Literal["flux", "wan", "hunyuan"]
+    family: Literal["flux", "wan", "hunyuan", "qwen"]
     config_repo: str
     hub_id: str
     pipeline_class: str | None = None
@@ -149,6 +158,8 @@ SPECS: dict[str, RepoSpec] = {
                             "FastVideo/FastWan2.1-T2V-1.3B-Diffusers", pipeline_class="WanDMDPipeline",
                             vsa_gates=True),
     "hunyuan-video": RepoSpec("hunyuan-video", "hunyuan", "HunyuanVideo", "hunyuanvideo-community/HunyuanVideo"),
+    "qwen-image": RepoSpec("qwen-image", "qwen", "Qwen-Image", "Qwen/Qwen-Image"),
+    "qwen-image-edit": RepoSpec("qwen-image-edit", "qwen", "Qwen-Image-Edit", "Qwen/Qwen-Image-Edit"),
 }
 
 # Size overrides applied to the real configs at scale="tiny". Every other field keeps its real value.
@@ -180,6 +191,19 @@ _TINY_HUNYUAN = {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, 
 _TINY_HUNYUAN_VAE = {"block_out_channels": [4, 4, 4, 4], "layers_per_block": 1, "latent_channels": 4,
                      "norm_num_groups": 2}
 _TINY_IMAGE_PROCESSOR = {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}}
+# Qwen-Image: Qwen2.5-VL with a 2-layer text model (hidden 16, GQA 2:1 heads, M-RoPE sections 1/1/2) and a
+# 2-block vision tower (patch 14, merge 2 and window 112 as the real one; its last block full attention); a
+# DiT of 2 blocks, 4 heads x 16, RoPE 4/6/6; the Wan-style VAE at base_dim 3 (real 16-channel latent
+# statistics, 8x compression); the vision processor capped at 112x112 pixels (a few vision tokens).
+_TINY_QWEN_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                   "num_key_value_heads": 1, "max_window_layers": 2,
+                   "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}}
+_TINY_QWEN_VISION = {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                     "out_hidden_size": _TINY_QWEN_TEXT["hidden_size"], "fullatt_block_indexes": [1]}
+_TINY_QWEN = {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 4,
+              "joint_attention_dim": _TINY_QWEN_TEXT["hidden_size"], "axes_dims_rope": [4, 6, 6]}
+_TINY_QWEN_VAE = {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}
+_TINY_QWEN_PROCESSOR = {"max_pixels": 112 * 112, "size": {"longest_edge": 112 * 112, "shortest_edge": 56 * 56}}
 
 # Metadata keys of the real config files that must not be passed on (they describe the original save).
 _META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "architectures", "transformers_version",
@@ -253,6 +277,8 @@ def component_plan(name: str, scale: Scale = "tiny") -> list[Component]:
             Component("transformer", "hunyuan_transformer", _sized(repo, "transformer", scale, _TINY_HUNYUAN)),
             Component("vae", "hunyuan_vae", _sized(repo, "vae", scale, _TINY_HUNYUAN_VAE)),
         ]
+    if spec.family == "qwen":
+        return _qwen_plan(repo, scale)
     i2v = (CONFIG_DIR / repo / "image_encoder").is_dir()
     plan = []
     if i2v:
@@ -269,6 +295,35 @@ def component_plan(name: str, scale: Scale = "tiny") -> list[Component]:
                   _sized(repo, "transformer", scale, _TINY_WAN, _TINY_WAN_I2V if i2v else {}),
                   {"vsa_gates": spec.vsa_gates}),
         Component("vae", "wan_vae", _sized(repo, "vae", scale, _TINY_WAN_VAE)),
+    ]
+    return plan
+
+
+def _qwen_plan(repo: str, scale: Scale) -> list[Component]:
+    """Qwen-Image / Qwen-Image-Edit (the edit repo adds the Qwen2-VL `processor`). The Qwen2.5-VL config
+    nests its text and vision configs, so their size overrides are applied inside them too."""
+    text = _sized(repo, "text_encoder", scale, _TINY_QWEN_TEXT)
+    text["text_config"] = _strip_meta(text["text_config"])
+    text["vision_config"] = _strip_meta(text["vision_config"])
+    if scale == "tiny":
+        text["text_config"].update(copy.deepcopy(_TINY_QWEN_TEXT))
+        text["text_config"]["layer_types"] = text["text_config"]["layer_types"][:_TINY_QWEN_TEXT["num_hidden_layers"]]
+        text["vision_config"].update(copy.deepcopy(_TINY_QWEN_VISION))
+    tokenizer_config = json.loads((CONFIG_DIR / "Qwen-Image-Edit" / "tokenizer" / "tokenizer_config.json").read_text())
+    added = {"added_tokens": {int(i): (t["content"], t["special"])
+                              for i, t in tokenizer_config["added_tokens_decoder"].items()}}
+    plan = []
+    if (CONFIG_DIR / repo / "processor").is_dir():
+        processor = _strip_meta(json.loads((CONFIG_DIR / repo / "processor" / "preprocessor_config.json").read_text()))
+        if scale == "tiny":
+            processor.update(copy.deepcopy(_TINY_QWEN_PROCESSOR))
+        plan.append(Component("processor", "qwen2_vl_processor", processor, {**added, "repo": repo}))
+    plan += [
+        _scheduler(repo),
+        Component("text_encoder", "qwen2_5_vl", text),
+        Component("tokenizer", "qwen2_tokenizer", {}, added),
+        Component("transformer", "qwen_transformer", _sized(repo, "transformer", scale, _TINY_QWEN)),
+        Component("vae", "qwen_vae", _sized(repo, "vae", scale, _TINY_QWEN_VAE)),
     ]
     return plan
 
@@ -339,6 +394,12 @@ def construct_model(component: Component, *, seed: int = 0, device: str | torch.
             model = diffusers.HunyuanVideoTransformer3DModel.from_config(cfg)
         elif kind == "hunyuan_vae":
             model = diffusers.AutoencoderKLHunyuanVideo.from_config(cfg)
+        elif kind == "qwen2_5_vl":
+            model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**cfg))
+        elif kind == "qwen_transformer":  # keeps the real file's unused pooled_projection_dim in its config
+            model = diffusers.QwenImageTransformer2DModel.from_config(cfg)
+        elif kind == "qwen_vae":
+            model = diffusers.AutoencoderKLQwenImage.from_config(cfg)
         else:
             raise ValueError(f"{component.name!r} ({kind}) is not a model")
     return model.eval()
@@ -350,6 +411,7 @@ _CONDITIONING_GAIN = {
     "flux_transformer": (3.0, ("context_embedder", "add_v_proj")),
     "wan_transformer": (3.0, ("attn2.to_v", "attn2.to_out", "attn2.add_v_proj")),
     "hunyuan_transformer": (3.0, ("context_embedder.proj_in", "add_v_proj")),
+    "qwen_transformer": (3.0, ("txt_in", "add_v_proj")),
 }
 """Extra gain on the projections that carry text / image conditioning into the latent stream."""
 
@@ -398,6 +460,11 @@ def save_component(component: Component, folder: Path, *, seed: int = 0, scale: 
         tiny_tokenizers.build_t5_tokenizer().save_pretrained(folder)
     elif kind == "llama_tokenizer":
         tiny_tokenizers.build_llama_tokenizer().save_pretrained(folder)
+    elif kind == "qwen2_tokenizer":
+        tiny_tokenizers.build_qwen2_tokenizer(component.extra["added_tokens"]).save_pretrained(folder)
+        _write_bpe_vocab_files(folder, *tiny_tokenizers.qwen2_vocab_and_merges())
+    elif kind == "qwen2_vl_processor":
+        _save_qwen2_vl_processor(component, folder)
     elif kind == "clip_image_processor":
         from transformers import CLIPImageProcessor
 
@@ -435,6 +502,32 @@ def _save_transformers_model(model: torch.nn.Module, folder: Path, prefix: str, 
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def _write_bpe_vocab_files(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """``vocab.json`` / ``merges.txt`` of a byte-level BPE tokenizer (what the real repos ship besides
+    ``tokenizer.json``)."""
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _save_qwen2_vl_processor(component: Component, folder: Path) -> None:
+    """The edit repo's ``processor/``: the tiny Qwen2 tokenizer, the (size-capped) real
+    ``preprocessor_config.json`` and the real video processor config and chat template, as in the real
+    folder. It loads with transformers' own classes; the recipe builds the processor without the video
+    processor (which needs torchvision)."""
+    from . import tiny_tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_tokenizers.build_qwen2_tokenizer(component.extra["added_tokens"]).save_pretrained(folder)
+    _write_bpe_vocab_files(folder, *tiny_tokenizers.qwen2_vocab_and_merges())
+    real = CONFIG_DIR / component.extra["repo"] / "processor"
+    (folder / "preprocessor_config.json").write_text(json.dumps(component.config, indent=2, sort_keys=True) + "\n")
+    video = json.loads((real / "video_preprocessor_config.json").read_text())
+    video.update({k: v for k, v in component.config.items() if k in ("max_pixels", "size")})
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(real / "chat_template.jinja", folder / "chat_template.jinja")
 
 
 def _write_clip_vocab_files(folder: Path) -> None:

@@ -29,8 +29,8 @@ import functools
 import itertools
 import math
 
-from tokenizers import Regex, normalizers, pre_tokenizers
-from transformers import CLIPTokenizer, T5Tokenizer
+from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 CLIP_VOCAB_SIZE = 1000
 """Size of the tiny CLIP vocabulary, special tokens included (real CLIP: 49408)."""
@@ -223,6 +223,100 @@ def t5_vocab() -> tuple[tuple[str, float], ...]:
 def build_t5_tokenizer() -> T5Tokenizer:
     """A T5 tokenizer (saved as ``T5TokenizerFast``-compatible ``tokenizer.json``), no sentinel ids."""
     return T5Tokenizer(vocab=list(t5_vocab()), extra_ids=0, model_max_length=T5_MODEL_MAX_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen2 (Qwen2.5-VL text encoder of Qwen-Image / Qwen-Image-Edit)
+
+QWEN2_VOCAB_SIZE = 1024
+"""Regular (byte-level BPE) tokens of the tiny Qwen2 vocabulary, ids 0..1023 (real Qwen2: 151643). The
+special tokens keep their real ids (151643 and up), so configs that name them need no change."""
+QWEN2_MODEL_MAX_LENGTH = 131072
+
+QWEN2_SYSTEM_TEXT = (
+    ("system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+     "relationships of the objects and background:\n"),
+    ("system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), "
+     "then explain how the user's text instruction should alter or modify the image. Generate a new image that "
+     "meets the user's requirements while maintaining consistency with the original input where appropriate.\n"),
+    "\nuser\n",
+    "\nassistant\n",
+)
+"""The plain text of Qwen-Image's prompt templates (the special tokens around it removed). Its pre-tokens
+are learned first, so that, as with the real vocabulary, every word of the templates is one token and the
+fixed prefixes the pipelines drop (34 tokens for text-to-image, 64 for editing) are exactly the templates'
+system turns."""
+_QWEN2_SYSTEM_WEIGHT = 10_000
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _qwen2_pre_tokenize(text: str) -> list[str]:
+    """Qwen2's pre-tokenization (NFC, its split regex, byte-level symbols) of text without special tokens."""
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return [piece for piece, _ in pre.pre_tokenize_str(normalizers.NFC().normalize_str(text))]
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen2_merges() -> tuple[tuple[str, str], ...]:
+    """Byte-level BPE merges (no word-end marker, as Qwen2) learned on the template text (weighted so that
+    its words are merged whole first) and the corpus; ties go to the lexicographically smallest pair."""
+    counts: collections.Counter[tuple[str, ...]] = collections.Counter()
+    for text in QWEN2_SYSTEM_TEXT:
+        for piece in _qwen2_pre_tokenize(text):
+            counts[tuple(piece)] += _QWEN2_SYSTEM_WEIGHT
+    for line in _corpus_lines():
+        for piece in _qwen2_pre_tokenize(line):
+            counts[tuple(piece)] += 1
+    words = {w: f for w, f in counts.items() if len(w) > 1}
+    pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+    for word, freq in words.items():
+        for pair in itertools.pairwise(word):
+            pairs[pair] += freq
+    n_merges = QWEN2_VOCAB_SIZE - 256
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs = +pairs  # drop pairs whose count fell to 0
+        if not pairs:
+            raise RuntimeError(f"corpus yields only {len(merges)} Qwen2 BPE merges, need {n_merges}")
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for word in [w for w in words if best[0] in w and best in itertools.pairwise(w)]:
+            freq = words.pop(word)
+            merged = _merge(word, best)
+            pairs.subtract({p: freq * n for p, n in collections.Counter(itertools.pairwise(word)).items()})
+            pairs.update({p: freq * n for p, n in collections.Counter(itertools.pairwise(merged)).items()})
+            words[merged] = words.get(merged, 0) + freq
+    return tuple(merges)
+
+
+def qwen2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny Qwen2 regular vocabulary (the 256 byte symbols in GPT-2 order, then one token per merge) and
+    its merge list."""
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_rank)
+    merges = list(_qwen2_merges())
+    tokens += [a + b for a, b in merges]
+    if len(set(tokens)) != len(tokens):
+        raise RuntimeError("duplicate token in tiny Qwen2 vocabulary")
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def build_qwen2_tokenizer(added_tokens: dict[int, tuple[str, bool]]) -> Qwen2Tokenizer:
+    """A ``Qwen2Tokenizer`` with the tiny regular vocabulary and the real checkpoint's added tokens at their
+    real ids (``added_tokens``: id -> (content, special), as a tokenizer_config.json's
+    ``added_tokens_decoder`` lists them); eos ``<|im_end|>``, pad ``<|endoftext|>``, no unk or bos."""
+    vocab, merges = qwen2_vocab_and_merges()
+    if min(added_tokens) < len(vocab):
+        raise ValueError(f"added token ids start at {min(added_tokens)}, inside the {len(vocab)}-token vocabulary")
+    vocab.update({content: i for i, (content, _) in sorted(added_tokens.items())})
+    specials = [content for _, (content, special) in sorted(added_tokens.items()) if special]
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", model_max_length=QWEN2_MODEL_MAX_LENGTH,
+                         additional_special_tokens=[s for s in specials if s != "<|endoftext|>"])
+    tok.add_tokens([AddedToken(content, special=False, normalized=False)
+                    for _, (content, special) in sorted(added_tokens.items()) if not special])
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------------------
