@@ -47,17 +47,17 @@ def _bad_image(message: str) -> InvalidRequestError:
     return InvalidRequestError(message, param="image")
 
 
-def _as_path(p: str | os.PathLike[str]) -> Path:
+def as_path(p: str | os.PathLike[str]) -> Path:
     """A user path with ~ expanded."""
     return Path(p).expanduser()
 
 
-def _reason(err: OSError) -> str:
+def reason(err: OSError) -> str:
     """The human part of an OSError ("Permission denied")."""
     return err.strerror or str(err)
 
 
-def _short(text: str, limit: int = 80) -> str:
+def short(text: str, limit: int = 80) -> str:
     """`text` cut to `limit` characters, control characters escaped, for one-line error messages (base64 blobs
     can be megabytes)."""
     cut = text if len(text) <= limit else text[: limit - 3] + "..."
@@ -99,7 +99,7 @@ def _read_source(source: str | bytes | os.PathLike[str], *, allow_urls: bool, al
     if isinstance(source, os.PathLike):
         if not allow_paths:
             raise _bad_image(f"local file paths are not accepted here; send {_remote_sources(allow_urls)}")
-        return _read_file(_as_path(source), max_bytes)
+        return _read_file(as_path(source), max_bytes)
     if not isinstance(source, str):
         raise _bad_image(f"image input of type {type(source).__name__} is not accepted; send {_ACCEPTED_SOURCES_TEXT}")
     text = source.strip()
@@ -112,14 +112,14 @@ def _read_source(source: str | bytes | os.PathLike[str], *, allow_urls: bool, al
         return _read_url_like(text, scheme_match.group(1).lower(), allow_urls=allow_urls, allow_paths=allow_paths,
                               max_bytes=max_bytes, timeout_s=timeout_s, block_private=block_private)
     if allow_paths and _is_existing_path(text):
-        return _read_file(_as_path(text), max_bytes)
+        return _read_file(as_path(text), max_bytes)
     if len(text) >= _MIN_BARE_BASE64_CHARS and _BASE64_RE.fullmatch(text):
         invalid = ("the image input is neither an existing file nor valid base64" if allow_paths
                    else "the image input is not valid base64")
         return _decode_base64(text, max_bytes, "the base64 image", invalid=invalid)
     if allow_paths:
-        raise _bad_image(f"image file not found: {_short(text)!r}; accepted: {_ACCEPTED_SOURCES_TEXT}")
-    raise _bad_image(f"image input {_short(text)!r} is not a URL, data URI or base64; "
+        raise _bad_image(f"image file not found: {short(text)!r}; accepted: {_ACCEPTED_SOURCES_TEXT}")
+    raise _bad_image(f"image input {short(text)!r} is not a URL, data URI or base64; "
                      f"send {_remote_sources(allow_urls)}")
 
 
@@ -137,7 +137,7 @@ def _read_url_like(text: str, scheme: str, *, allow_urls: bool, allow_paths: boo
             raise _bad_image(f"image URLs are not accepted here; send {_remote_sources(False)}")
         return fetch_image_bytes(text, max_bytes=max_bytes, timeout_s=timeout_s, block_private=block_private)
     if scheme == "file" and allow_paths:
-        return _read_file(_as_path(url2pathname(urlsplit(text).path)), max_bytes)
+        return _read_file(as_path(url2pathname(urlsplit(text).path)), max_bytes)
     accepted = _ACCEPTED_SOURCES_TEXT if allow_paths else _remote_sources(allow_urls)
     raise _bad_image(f"URL scheme {scheme!r} is not accepted; send {accepted}")
 
@@ -145,7 +145,7 @@ def _read_url_like(text: str, scheme: str, *, allow_urls: bool, allow_paths: boo
 def _is_existing_path(text: str) -> bool:
     """Whether `text` names an existing file system entry (False for strings no path can be)."""
     try:
-        return _as_path(text).exists()
+        return as_path(text).exists()
     except (OSError, ValueError):
         return False
 
@@ -162,7 +162,7 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
             raise _too_large(f"image file {str(path)!r}", size, max_bytes)
         return path.read_bytes()
     except OSError as e:
-        raise _bad_image(f"cannot read image file {str(path)!r}: {_reason(e)}") from None
+        raise _bad_image(f"cannot read image file {str(path)!r}: {reason(e)}") from None
 
 
 def _decode_base64(text: str, max_bytes: int, what: str, *, invalid: str | None = None) -> bytes:
@@ -247,7 +247,7 @@ def _connect_checked(host: str, port: int, timeout: float, block_private: bool) 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise _bad_image(f"cannot resolve image URL host {host!r}: {_reason(e)}") from None
+        raise _bad_image(f"cannot resolve image URL host {host!r}: {reason(e)}") from None
     if block_private:
         for *_, sockaddr in infos:
             ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
@@ -311,7 +311,7 @@ def _remaining(deadline: float, url: str, timeout_s: float) -> float:
     """Seconds left before `deadline`, or the timeout error when none are."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise _bad_image(f"fetching image URL {_short(url)} timed out after {timeout_s:g} s")
+        raise _bad_image(f"fetching image URL {short(url)} timed out after {timeout_s:g} s")
     return left
 
 
@@ -326,7 +326,7 @@ def fetch_image_bytes(url: str, *, max_bytes: int = 20 * 2**20, timeout_s: float
         if isinstance(location, bytes):
             return location
         current = location
-    raise _bad_image(f"image URL {_short(url)} redirected more than {_MAX_REDIRECTS} times")
+    raise _bad_image(f"image URL {short(url)} redirected more than {_MAX_REDIRECTS} times")
 
 
 def _fetch_once(current: str, url: str, deadline: float, max_bytes: int, timeout_s: float,
@@ -334,11 +334,11 @@ def _fetch_once(current: str, url: str, deadline: float, max_bytes: int, timeout
     """One request: the body, or the absolute URL a redirect points to."""
     parts = urlsplit(current)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise _bad_image(f"image URL {_short(current)} is not an http(s) URL with a host name")
+        raise _bad_image(f"image URL {short(current)} is not an http(s) URL with a host name")
     try:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError:
-        raise _bad_image(f"image URL {_short(current)} has an invalid port") from None
+        raise _bad_image(f"image URL {short(current)} has an invalid port") from None
     https = parts.scheme.lower() == "https"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     conn: _CheckedHTTPConnection | _CheckedHTTPSConnection | None = None
@@ -354,17 +354,17 @@ def _fetch_once(current: str, url: str, deadline: float, max_bytes: int, timeout
         if resp.status in _REDIRECT_CODES:
             location = resp.getheader("Location")
             if not location:
-                raise _bad_image(f"image URL {_short(current)} redirected without a Location")
+                raise _bad_image(f"image URL {short(current)} redirected without a Location")
             return urljoin(current, location)
         if resp.status != 200:
-            raise _bad_image(f"image URL {_short(current)} answered HTTP {resp.status} {resp.reason}")
+            raise _bad_image(f"image URL {short(current)} answered HTTP {resp.status} {resp.reason}")
         _check_content_type(resp.getheader("Content-Type"), current)
         return _read_body(resp, conn.raw_sock, url, deadline, max_bytes, timeout_s)
     except TimeoutError:
-        raise _bad_image(f"fetching image URL {_short(url)} timed out after {timeout_s:g} s") from None
+        raise _bad_image(f"fetching image URL {short(url)} timed out after {timeout_s:g} s") from None
     except (OSError, http.client.HTTPException) as e:
         detail = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
-        raise _bad_image(f"cannot fetch image URL {_short(current)}: {detail}") from None
+        raise _bad_image(f"cannot fetch image URL {short(current)}: {detail}") from None
     finally:
         if conn is not None:
             conn.close()
@@ -374,7 +374,7 @@ def _check_content_type(content_type: str | None, url: str) -> None:
     """Refuse a response that does not say it is an image."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     if not media_type.startswith("image/"):
-        raise _bad_image(f"image URL {_short(url)} returned content type {media_type or 'none'!r}; an image/* "
+        raise _bad_image(f"image URL {short(url)} returned content type {media_type or 'none'!r}; an image/* "
                          "response is required")
 
 
@@ -383,7 +383,7 @@ def _read_body(resp: http.client.HTTPResponse, sock: socket.socket | None, url: 
     """The response body, refused as soon as it (or its declared length) passes `max_bytes` or the deadline."""
     declared = resp.getheader("Content-Length")
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise _too_large(f"image URL {_short(url)}", int(declared), max_bytes)
+        raise _too_large(f"image URL {short(url)}", int(declared), max_bytes)
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -394,5 +394,5 @@ def _read_body(resp: http.client.HTTPResponse, sock: socket.socket | None, url: 
             return b"".join(chunks)
         total += len(chunk)
         if total > max_bytes:
-            raise _too_large(f"image URL {_short(url)}", f"over {max_bytes}", max_bytes)
+            raise _too_large(f"image URL {short(url)}", f"over {max_bytes}", max_bytes)
         chunks.append(chunk)

@@ -37,9 +37,9 @@ from diffserve.errors import InvalidRequestError, OutputError
 # Image input lives in diffserve.image_input; re-exported here for callers of diffserve.media.
 from diffserve.image_input import (
     DEFAULT_MAX_PIXELS,
-    _as_path,
-    _reason,
-    _short,
+    as_path,
+    reason,
+    short,
     decode_image,
     fetch_image_bytes,
     is_blocked_ip,
@@ -322,7 +322,7 @@ def _ensure_writable_dir(folder: Path, *, create: bool, param: str) -> None:
             raise OutputError(f"cannot use {folder} as the output folder: it exists and is not a folder",
                               param=param) from None
         except OSError as e:
-            raise OutputError(f"cannot create output folder {folder}: {_reason(e)}", param=param) from None
+            raise OutputError(f"cannot create output folder {folder}: {reason(e)}", param=param) from None
     if not folder.exists():
         raise OutputError(f"cannot write into {folder}: the folder does not exist", param=param)
     if not folder.is_dir():
@@ -331,7 +331,7 @@ def _ensure_writable_dir(folder: Path, *, create: bool, param: str) -> None:
         with tempfile.TemporaryFile(dir=folder, prefix=".diffserve-probe-"):
             pass
     except OSError as e:
-        raise OutputError(f"output folder {folder} is not writable: {_reason(e)}", param=param) from None
+        raise OutputError(f"output folder {folder} is not writable: {reason(e)}", param=param) from None
 
 
 def _check_suffix(path: Path, fmt: str) -> None:
@@ -373,9 +373,9 @@ def check_output_target(*, fmt: str, output_dir: Path | None, output_path: Path 
     if output_dir is not None and output_path is not None:
         raise InvalidRequestError("give either an output folder or an output path, not both", param="output_path")
     if output_dir is not None:
-        _ensure_writable_dir(_as_path(output_dir), create=True, param="output_dir")
+        _ensure_writable_dir(as_path(output_dir), create=True, param="output_dir")
     if output_path is not None:
-        path = _as_path(output_path)
+        path = as_path(output_path)
         _check_suffix(path, name)
         _ensure_writable_dir(path.parent, create=False, param="output_path")
         for target in _numbered_paths(path, count, name):
@@ -405,13 +405,13 @@ def _target_paths(*, fmt: str, count: int, output_dir: Path | None, output_path:
                   unique: bool) -> list[Path]:
     """Where `count` outputs go (see the module docstring for the naming rule)."""
     if output_path is not None:
-        return _numbered_paths(_as_path(output_path), count, fmt)
+        return _numbered_paths(as_path(output_path), count, fmt)
     if output_dir is None:
         raise ValueError("writing outputs needs output_dir or output_path")
     if not stem or stem in (".", "..") or Path(stem).name != stem or "\\" in stem:
-        raise InvalidRequestError(f"output name {_short(stem)!r} must be a plain file name without folders",
+        raise InvalidRequestError(f"output name {short(stem)!r} must be a plain file name without folders",
                                   param="stem")
-    folder = _as_path(output_dir)
+    folder = as_path(output_dir)
     ext = _SUFFIX_FOR_FORMAT.get(fmt, "")
     for _ in range(100):
         base = unique_stem(stem) if unique else stem
@@ -437,7 +437,7 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
     except OSError as e:
         with suppress(OSError):
             tmp.unlink()
-        raise OutputError(f"cannot write {path}: {_reason(e)}", param="output_path") from None
+        raise OutputError(f"cannot write {path}: {reason(e)}", param="output_path") from None
     except BaseException:
         with suppress(OSError):
             tmp.unlink()
@@ -455,7 +455,7 @@ def _write_dir_atomic(path: Path, files: list[tuple[str, bytes]]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write frames folder {path}: {_reason(e)}", param="output_path") from None
+        raise OutputError(f"cannot write frames folder {path}: {reason(e)}", param="output_path") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
