@@ -38,12 +38,12 @@ from diffserve.errors import InvalidRequestError, OutputError
 from diffserve.image_input import (
     DEFAULT_MAX_PIXELS,
     as_path,
-    reason,
-    short,
     decode_image,
     fetch_image_bytes,
     is_blocked_ip,
     load_image,
+    reason,
+    short,
 )
 
 __all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "fetch_image_bytes", "is_blocked_ip", "load_image"]
