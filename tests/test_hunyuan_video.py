@@ -104,6 +104,23 @@ def test_transformer_matches_diffusers_with_padded_text(models) -> None:
 
 
 @torch.no_grad()
+def test_kernel_fusions_apply_and_keep_the_output(models, repo: Path) -> None:
+    """The engine's fusions reach every q/k/v group, tanh-GELU input projection and [attention, MLP]
+    output projection of the model, and leave the output unchanged."""
+    from diffserve.engine.optimize import fuse_epilogues, fuse_projections
+
+    ref, ours = models
+    cfg = HunyuanVideoConfig.from_dict(read_json(repo / "transformer" / "config.json"))
+    fused = load_dit(lambda: HunyuanVideoTransformer(cfg, AttentionOp()), repo / "transformer", torch.float32,
+                     torch.device("cpu"))
+    n_dual, n_single, n_refiner = cfg.num_layers, cfg.num_single_layers, cfg.num_refiner_layers
+    assert fuse_projections(fused) == 2 * n_dual + n_single + n_refiner
+    assert fuse_epilogues(fused) == 2 * n_dual + 2 * n_single  # ff, ff_context; proj_mlp, proj_out
+    inp = _inputs(ref)
+    assert rel_err(_ours(fused, inp), _ours(ours, inp)) <= 1e-6
+
+
+@torch.no_grad()
 def test_refiner_key_mask_equals_reference_square_mask_on_real_tokens(models) -> None:
     """The reference's square refiner mask with key 0 forced visible, as a key mask: same real rows."""
     ref, ours = models
