@@ -8,6 +8,7 @@ model's `ModelDefaults` before any model work.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,6 +88,13 @@ class ModelDefaults:
     accepts_image: bool = False
     uses_negative_prompt: bool = False
     fixed_steps: int | None = None  # few-step distilled models run exactly their distilled schedule
+    # Image-conditioned models whose output size follows the input image (Qwen-Image-Edit): a size the request
+    # leaves out keeps the input image's aspect ratio at about this many pixels (`size_for_aspect`).
+    size_from_image_area: int | None = None
+    # What guidance_scale means, shown by GET /v1/models: "cfg" (classifier-free guidance against the negative
+    # prompt), "true_cfg" (Qwen-Image's norm-rescaled CFG, run only when a negative prompt is given),
+    # "embedded" (a model input, e.g. FLUX.1-dev) or "none"; None: not declared.
+    guidance: str | None = None
 
 
 @dataclass
@@ -110,6 +118,27 @@ class GenerationRequest:
         return dataclasses.replace(self, **changes)
 
 
+def size_for_aspect(area: int, aspect: float, multiple: int) -> tuple[int, int]:
+    """(width, height) of about `area` pixels with width/height = `aspect`, each rounded to the nearest
+    multiple of 32 (halves to even, as Python's round) and then down to a multiple of `multiple`; the
+    reference edit pipelines' output size for an input image."""
+    width = math.sqrt(area * aspect)
+    height = width / aspect
+    width, height = round(width / 32) * 32, round(height / 32) * 32
+    return width // multiple * multiple, height // multiple * multiple
+
+
+def _size_from_image(req: GenerationRequest, defaults: ModelDefaults) -> GenerationRequest:
+    """Fill the size the request leaves out from its input image's aspect ratio (models with
+    `size_from_image_area`); other requests unchanged."""
+    if defaults.size_from_image_area is None or req.image is None or None not in (req.height, req.width):
+        return req
+    w, h = req.image.size  # type: ignore[attr-defined]
+    width, height = size_for_aspect(defaults.size_from_image_area, w / h, defaults.size_multiple)
+    return req.replace(height=req.height if req.height is not None else height,
+                       width=req.width if req.width is not None else width)
+
+
 def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}", param=name)
@@ -126,6 +155,7 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
         )
     if req.negative_prompt is not None and not isinstance(req.negative_prompt, str):
         raise InvalidRequestError("negative_prompt must be a string", param="negative_prompt")
+    req = _size_from_image(req, defaults)
     height = _check_int("height", req.height if req.height is not None else defaults.height)
     width = _check_int("width", req.width if req.width is not None else defaults.width)
     m = defaults.size_multiple

@@ -171,9 +171,10 @@ ALLOWED_CLASSES: dict[str, tuple[str, ...]] = {
     "transformers": ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel",
                      "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast",
                      "T5Tokenizer", "T5TokenizerFast", "CLIPImageProcessor", "LlamaModel", "LlamaTokenizer",
-                     "LlamaTokenizerFast"),
-    "diffusers": ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "FlowMatchEulerDiscreteScheduler",
-                  "UniPCMultistepScheduler"),
+                     "LlamaTokenizerFast", "Qwen2_5_VLForConditionalGeneration", "Qwen2Tokenizer",
+                     "Qwen2TokenizerFast"),
+    "diffusers": ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLQwenImage",
+                  "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"),
 }
 
 

@@ -11,6 +11,7 @@ from diffserve.models.loader import ModelIndex
 from diffserve.pipelines.base import ComposedPipeline
 from diffserve.pipelines.flux import build_flux_pipeline
 from diffserve.pipelines.hunyuan_video import build_hunyuan_video_pipeline
+from diffserve.pipelines.qwen_image import build_qwen_image_edit_pipeline, build_qwen_image_pipeline
 from diffserve.pipelines.wan import build_wan_i2v_pipeline, build_wan_t2v_pipeline
 
 Builder = Callable[[ModelIndex, EngineConfig, AttentionOp], ComposedPipeline]
@@ -21,6 +22,8 @@ PIPELINES: dict[str, Builder] = {
     "WanDMDPipeline": build_wan_t2v_pipeline,  # FastWan: Wan2.1 T2V weights, distilled few-step schedule
     "WanImageToVideoPipeline": build_wan_i2v_pipeline,
     "HunyuanVideoPipeline": build_hunyuan_video_pipeline,
+    "QwenImagePipeline": build_qwen_image_pipeline,
+    "QwenImageEditPipeline": build_qwen_image_edit_pipeline,
 }
 
 
