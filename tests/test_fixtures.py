@@ -22,9 +22,10 @@ PIPELINE_CLASS = {
     "wan-t2v": "WanPipeline",
     "wan-i2v": "WanImageToVideoPipeline",
     "fastwan-t2v": "WanPipeline",  # model_index says WanDMDPipeline, which diffusers does not have
+    "hunyuan-video": "HunyuanVideoPipeline",
 }
 MODEL_KINDS = {"clip_text", "clip_vision", "t5", "umt5", "flux_transformer", "flux_vae", "wan_transformer",
-               "wan_vae"}
+               "wan_vae", "llama", "hunyuan_transformer", "hunyuan_vae"}
 PROMPTS = ("a photo of a cat", "a red circle on the left")
 
 
@@ -93,11 +94,20 @@ def test_configs_keep_real_values(repos: dict[str, Path], name: str) -> None:
     vae, real_vae = _json(root / "vae" / "config.json"), fx.read_config(repo, "vae")
     keep = ("scaling_factor", "shift_factor", "force_upcast") if "shift_factor" in real_vae else (
         "latents_mean", "latents_std", "z_dim", "temperal_downsample")
+    if fx.SPECS[name].family == "hunyuan":
+        keep = ("scaling_factor", "spatial_compression_ratio", "temporal_compression_ratio", "act_fn")
     assert {k: vae[k] for k in keep} == {k: real_vae[k] for k in keep}
     tr, real_tr = _json(root / "transformer" / "config.json"), fx.read_config(repo, "transformer")
     for key in ("patch_size", "guidance_embeds", "out_channels", "qk_norm", "cross_attn_norm", "freq_dim"):
         if key in real_tr:
             assert tr[key] == real_tr[key], key
+    if fx.SPECS[name].family == "hunyuan":
+        llama, clip = _json(root / "text_encoder" / "config.json"), _json(root / "text_encoder_2" / "config.json")
+        assert (llama["vocab_size"], llama["hidden_size"]) == (tt.LLAMA_VOCAB_SIZE, tr["text_embed_dim"])
+        assert llama["num_hidden_layers"] >= 3  # the pipeline reads hidden_states[-3]
+        assert (clip["hidden_size"], clip["hidden_act"]) == (tr["pooled_projection_dim"], "quick_gelu")
+        assert tr["rope_theta"] == real_tr["rope_theta"] and tr["patch_size_t"] == real_tr["patch_size_t"]
+        return
     text = _json(root / ("text_encoder_2" if "text_encoder_2" in fx.read_config(repo) else "text_encoder")
                  / "config.json")
     assert text["vocab_size"] == tt.T5_VOCAB_SIZE
@@ -138,6 +148,8 @@ def _generate(name: str, pipe, prompt: str) -> np.ndarray:
               "generator": torch.Generator().manual_seed(0)}
     if name.startswith("flux"):
         return pipe(prompt=prompt, guidance_scale=3.5, **kwargs).images
+    if name == "hunyuan-video":  # embedded guidance, no negative prompt
+        return pipe(prompt=prompt, num_frames=5, guidance_scale=6.0, **kwargs).frames
     kwargs.update(num_frames=5, guidance_scale=5.0, negative_prompt="bad quality")
     if name == "wan-i2v":
         from PIL import Image
@@ -252,7 +264,7 @@ def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.Monke
 def test_full_scale_uses_real_configs(name: str) -> None:
     repo = fx.SPECS[name].config_repo
     for component in fx.component_plan(name, "full"):
-        if component.kind in ("clip_tokenizer", "t5_tokenizer"):
+        if component.kind.endswith("_tokenizer"):
             continue
         real = fx.read_config(repo, component.name)
         assert component.config == {k: v for k, v in real.items() if k not in fx._META_KEYS}

@@ -41,7 +41,7 @@ Fixtures (``scale="tiny"``; widths are chosen so the engine's shape plumbing is 
   hidden 32: the pipeline reads the third hidden state from the end) with the tiny LLaMA tokenizer (whose
   tokens for the real prompt template's prefix are exactly the 95 the pipeline crops), CLIPTextModel
   (hidden 32) for the pooled vector, AutoencoderKLHunyuanVideo with four 4-channel blocks (the real 8x
-  spatial / 4x temporal compression, 4 latent channels, scaling 0.476986), the real scheduler config
+  spatial / 4x temporal compression, 16 latent channels, scaling 0.476986), the real scheduler config
   (flow-match Euler, shift 7.0).
 * ``qwen-image`` / ``qwen-image-edit``: Qwen/Qwen-Image and Qwen/Qwen-Image-Edit: QwenImageTransformer2DModel
   (2 blocks, 4 heads x 16, RoPE 4/6/6, in_channels 64), AutoencoderKLQwenImage (base_dim 3, the real
@@ -182,14 +182,13 @@ _TINY_WAN_I2V = {"image_dim": _TINY_CLIP_VISION["hidden_size"],
 _TINY_WAN_VAE = {"base_dim": 3, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}
 # HunyuanVideo: a 3-layer LLaMA (the pipeline reads the third hidden state from the end), CLIP-L -> the tiny
 # CLIP, a DiT of 2 dual + 2 single blocks (2 heads x 12, RoPE 4/4/4) and the smallest causal 3-D VAE that
-# keeps the real 8x spatial / 4x temporal compression (four blocks of 4 channels, 4 latent channels).
+# keeps the real 8x spatial / 4x temporal compression and 16 latent channels (four blocks of 4 channels).
 _TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3, "num_attention_heads": 2,
                "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 512}
-_TINY_HUNYUAN = {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 12,
+_TINY_HUNYUAN = {"num_attention_heads": 2, "attention_head_dim": 12,
                  "num_layers": 2, "num_single_layers": 2, "text_embed_dim": _TINY_LLAMA["hidden_size"],
                  "pooled_projection_dim": _TINY_CLIP_TEXT["hidden_size"], "rope_axes_dim": [4, 4, 4]}
-_TINY_HUNYUAN_VAE = {"block_out_channels": [4, 4, 4, 4], "layers_per_block": 1, "latent_channels": 4,
-                     "norm_num_groups": 2}
+_TINY_HUNYUAN_VAE = {"block_out_channels": [4, 4, 4, 4], "layers_per_block": 1, "norm_num_groups": 2}
 _TINY_IMAGE_PROCESSOR = {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}}
 # Qwen-Image: Qwen2.5-VL with a 2-layer text model (hidden 16, GQA 2:1 heads, M-RoPE sections 1/1/2) and a
 # 2-block vision tower (patch 14, merge 2 and window 112 as the real one; its last block full attention); a

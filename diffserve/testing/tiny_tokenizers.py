@@ -322,9 +322,9 @@ def build_qwen2_tokenizer(added_tokens: dict[int, tuple[str, bool]]) -> Qwen2Tok
 # ---------------------------------------------------------------------------------------------------------
 # LLaMA (the LLaVA-LLaMA-3 text encoder of HunyuanVideo)
 
-LLAMA_VOCAB_SIZE = 1856
-"""Embedding rows of the tiny LLaMA text encoder, at least the tiny LLaMA vocabulary (1816 tokens, special
-tokens included; real: 128320)."""
+LLAMA_VOCAB_SIZE = 1816
+"""Size of the tiny LLaMA vocabulary, special tokens included, and the tiny encoder's embedding rows (real:
+128256 tokens, 128320 rows)."""
 LLAMA_MODEL_MAX_LENGTH = 2048
 LLAMA_BOS, LLAMA_EOS, LLAMA_PAD = "<|begin_of_text|>", "<|end_of_text|>", "<pad>"
 LLAMA_CHAT_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
@@ -384,8 +384,8 @@ def build_llama_tokenizer():
                          eos_token=LLAMA_EOS, unk_token="<unk>", add_bos_token=True, padding_side="right",
                          model_max_length=LLAMA_MODEL_MAX_LENGTH)
     tok.add_special_tokens({"additional_special_tokens": list(LLAMA_CHAT_SPECIALS), "pad_token": LLAMA_PAD})
-    if len(tok) > LLAMA_VOCAB_SIZE:
-        raise RuntimeError(f"tiny LLaMA vocabulary has {len(tok)} tokens, more than LLAMA_VOCAB_SIZE")
+    if len(tok) != LLAMA_VOCAB_SIZE:
+        raise RuntimeError(f"tiny LLaMA vocabulary has {len(tok)} tokens, not LLAMA_VOCAB_SIZE")
     prefix = len(tok(HUNYUAN_VIDEO_TEMPLATE.split("{}")[0]).input_ids)
     if prefix != HUNYUAN_VIDEO_CROP_START:
         raise RuntimeError(f"the template prefix is {prefix} tiny LLaMA tokens, not {HUNYUAN_VIDEO_CROP_START}")
