@@ -233,6 +233,7 @@ def test_defaults_and_validation(repo: Path) -> None:
     d = engine.defaults
     assert (d.kind, d.height, d.width, d.num_frames, d.fps) == ("video", 720, 1280, 129, 24)
     assert (d.num_inference_steps, d.guidance_scale, d.max_sequence_length, d.size_multiple) == (50, 6.0, 256, 16)
+    assert (d.guidance, d.uses_negative_prompt) == ("embedded", False)
     for frames in (8, 0, 1000):
         with pytest.raises(InvalidRequestError, match="4k\\+1"):
             engine.validate(GenerationRequest(prompt="x", num_frames=frames))

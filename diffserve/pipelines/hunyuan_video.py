@@ -231,7 +231,7 @@ def hunyuan_video_defaults(c: HunyuanVideoComponents) -> ModelDefaults:
     return ModelDefaults(
         kind="video", height=720, width=1280, num_frames=129, fps=24, num_inference_steps=50, guidance_scale=6.0,
         size_multiple=c.scale_spatial * c.transformer.cfg.patch_size, min_size=c.scale_spatial * 2, max_size=2048,
-        max_sequence_length=TEXT_TOKENS, min_frames=1, max_frames=257,
+        max_sequence_length=TEXT_TOKENS, min_frames=1, max_frames=257, guidance="embedded",
     )
 
 
