@@ -416,10 +416,14 @@ class HunyuanVideoTransformer(nn.Module):
 
     REPEATED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
 
-    # The blocks attend over [video; text] (video first, as the reference concatenates). Both segments are
-    # sharded under sequence parallelism: the video tokens with their RoPE rows, the refined text with its
-    # key mask (the refiner itself ran whole on every rank inside `embed`); temb and the grid are replicated
-    # in `cond`; the video segment's head output is gathered.
+    # The blocks attend over [video; text] (video first, as the reference concatenates; RoPE on the video
+    # tokens only). Both segments are sharded under sequence parallelism: the video tokens with their RoPE
+    # rows, the refined text with its key mask. The text is sharded, not replicated, because it is a full
+    # stream here (every block updates it: its own projections and MLP in the dual-stream blocks, the shared
+    # ones in the single-stream blocks), so sharding divides that work by the degree; its keys still reach
+    # every query through the attention wrapper, which drops shard padding and masked text keys before the
+    # kernel. The token refiner ran whole on every rank inside `embed` (it attends over the text alone).
+    # temb and the grid are replicated in `cond`; the video segment's head output is gathered.
     PLAN: ClassVar[SequencePlan] = SequencePlan(joint=("image", "text"), output="image")
 
     def __init__(self, cfg: HunyuanVideoConfig, attention: AttentionOp | None = None) -> None:
