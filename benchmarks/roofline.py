@@ -5,8 +5,9 @@ FLOPs are counted on diffserve's engine, whose math is the same as diffusers' (p
 (linear, bmm, conv) with ``torch.utils.flop_counter`` inside every transformer call of a one-step
 generation, minus whatever the counter sees inside the attention seam (a kernel it has a formula for, or
 the matmuls of a decomposed attention on the meta device); attention analytically at the engine's one
-attention seam (``AttentionOp.local``: 4 * B * H * Lq * Lk * D per call, QK^T and PV), which also
-records the attention shapes the ceiling is then measured at.
+attention seam (``AttentionOp.local``: 4 * B * H * Lq * Lk * D per call, QK^T and PV, over the real keys
+only when the call carries a key mask), which also records the attention shapes the ceiling is then
+measured at.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ def attention_flops(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> float
     per head (the softmax is not counted, as in flop_counter's SDPA formula)."""
     b, lq, h, d = q_shape
     return 4.0 * b * h * lq * k_shape[1] * d
+
+
+def masked_call_shapes(q_shape: tuple[int, ...], kv_mask: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+    """The (B, Lq, Lk, H, D) kernel calls the seam makes for queries (B, Lq, H, D) over keys whose real
+    positions are kv_mask (B, Lk) bool: one call over the shared count of real keys when every sample has
+    the same count, else one call per sample over its own."""
+    b, lq, h, d = q_shape
+    counts = kv_mask.sum(-1).tolist()
+    if len(set(counts)) == 1:
+        return [(b, lq, counts[0], h, d)]
+    return [(1, lq, n, h, d) for n in counts if n]
 
 
 @dataclass
@@ -71,12 +83,14 @@ def count_step_flops(transformer: torch.nn.Module, attention, generate: Callable
         inside_attention[0] = 0.0
         return out
 
-    def local(q, k, v):
-        shape = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3])
-        tally.attention_shapes[shape] = tally.attention_shapes.get(shape, 0) + 1
-        tally.attention += attention_flops(tuple(q.shape), tuple(k.shape))
+    def local(q, k, v, kv_mask=None):
+        shapes = ([(q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3])] if kv_mask is None
+                  else masked_call_shapes(tuple(q.shape), kv_mask))
+        for b, lq, lk, h, d in shapes:
+            tally.attention_shapes[(b, lq, lk, h, d)] = tally.attention_shapes.get((b, lq, lk, h, d), 0) + 1
+            tally.attention += attention_flops((b, lq, h, d), (b, lk, h, d))
         before = active[-1].get_total_flops() if active else 0
-        out = orig_local(q, k, v)
+        out = orig_local(q, k, v) if kv_mask is None else orig_local(q, k, v, kv_mask=kv_mask)
         if active:
             inside_attention[0] += active[-1].get_total_flops() - before
         return out
@@ -133,7 +147,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = Non
 def attention_ceiling(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int, int],
                       backends: tuple[str, ...]) -> dict[str, float]:
     """Measured FLOP/s of the seam's attention kernels at (B, Lq, Lk, H, D), per backend that runs."""
-    from diffserve.layers.attention import sdpa_attention
+    from diffserve.layers.attention import fa3_attention, sdpa_attention
 
     b, lq, lk, h, d = shape
     q = torch.randn(b, lq, h, d, device=device, dtype=dtype)
@@ -143,7 +157,9 @@ def attention_ceiling(device: torch.device, dtype: torch.dtype, shape: tuple[int
     iters = 5 if device.type == "cuda" else 2
     for backend in backends:
         try:
-            out[backend] = flops / time_call(functools.partial(sdpa_attention, q, k, v, backend), device, iters, warmup=2)
+            call = (functools.partial(fa3_attention, q, k, v) if backend == "fa3"
+                    else functools.partial(sdpa_attention, q, k, v, backend))
+            out[backend] = flops / time_call(call, device, iters, warmup=2)
         except RuntimeError as e:  # a kernel that does not take this shape / dtype on this card
             print(f"attention ceiling: backend {backend} skipped ({str(e).splitlines()[0][:120]})")
     return out
@@ -159,7 +175,11 @@ class Ceilings:
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, flops: StepFlops) -> Ceilings:
     shape = flops.main_attention_shape()
+    from diffserve.layers.attention import FA3_DTYPES, fa3_available
+
     backends = ("cudnn", "flash", "sdpa") if device.type == "cuda" else ("sdpa",)
+    if device.type == "cuda" and dtype in FA3_DTYPES and fa3_available():
+        backends = ("fa3", *backends)
     by_backend = attention_ceiling(device, dtype, shape, backends)
     return Ceilings(matmul_ceiling(device, dtype), max(by_backend.values()), by_backend, shape)
 

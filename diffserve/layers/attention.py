@@ -5,6 +5,13 @@ Which kernel runs (torch SDPA and its cuDNN / flash / memory-efficient variants,
 installed) is decided once when the engine starts, and a parallel wrapper (Ulysses, Ring) can be put
 in front of the local kernel. A model file never imports a kernel library.
 
+FlashAttention 3 (backend 'fa3', Hopper): the `fa3-fwd` wheel (`pip install "diffserve[fa3]"`, module
+`fa3_fwd_interface`) or FlashAttention's own `flash_attn_interface`, found and imported the first time it is
+asked for (`load_fa3`), never when this module is imported. The kernel runs behind the custom op
+`diffserve::fa3_attention` (out and log-sum-exp, with a fake kernel), so `torch.compile` keeps it in the graph
+without a break, and Ring attention merges with FA3's own log-sum-exp. It takes bf16 with head sizes that
+are multiples of 8 up to 256 on CUDA tensors; anything else goes to torch's SDPA (`fused_kernel_fits`).
+
 Key padding: a call may carry `kv_mask` (B, Lk) bool, True = a real key. No kernel ever sees a dense
 mask (it would force SDPA onto its slow path): the padded keys are dropped before the kernel runs
 (`KeySelection`). All keys real -> the plain call; every sample keeping the same keys -> one call on a
@@ -18,6 +25,10 @@ per forward from the layout (`diffserve.layers.parallel`), not per call.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,6 +36,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 # (B, L, H, D) x3 -> (B, L, H, D)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -193,41 +205,133 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: s
     return out.transpose(1, 2)
 
 
-def _fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    import flash_attn_interface  # FlashAttention 3 (Hopper); optional
+# ----------------------------------------------------------------------------------------------------------
+# FlashAttention 3
 
-    out = flash_attn_interface.flash_attn_func(q, k, v)
-    return out[0] if isinstance(out, tuple) else out
+# Modules that provide FA3's `flash_attn_func`, in order of preference: the fa3-fwd wheel, then FA3's own
+# build (PyPI's flash-attn-interface 0.0.1 is an empty placeholder of that name: it has no flash_attn_func).
+FA3_MODULES = ("fa3_fwd_interface", "flash_attn_interface")
+FA3_DTYPES = (torch.bfloat16,)  # fa3-fwd is built without fp16 (FLASHATTENTION_DISABLE_FP16); fp8 unused
+FA3_MAX_HEAD_DIM = 256  # head sizes are multiples of 8, rounded up to the built sizes 64/96/128/192/256
+
+
+@dataclass(frozen=True)
+class Fa3Kernel:
+    """An importable FlashAttention 3: the module it came from and its `flash_attn_func`. `lse_flag`:
+    the function takes `return_attn_probs=True` to return (out, lse) (current FA3; older builds always
+    return the pair)."""
+
+    module: str
+    func: Callable[..., object]
+    lse_flag: bool
+
+
+def _alias_fa3_config() -> None:
+    """fa3-fwd ships FA3's build configuration as `fa3_fwd_config`, while its interface's
+    `round_up_headdim` does `from flash_attn_config import CONFIG`: register the former under the latter
+    name (unless a `flash_attn_config` is already loaded). Called once, when fa3_fwd_interface is loaded."""
+    if "flash_attn_config" in sys.modules:
+        return
+    try:
+        config = importlib.import_module("fa3_fwd_config")
+    except ImportError:
+        return
+    sys.modules["flash_attn_config"] = config
+
+
+def _takes_lse_flag(func: Callable[..., object]) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return False
+    return "return_attn_probs" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+@functools.cache
+def load_fa3() -> Fa3Kernel | None:
+    """The first of `FA3_MODULES` that imports and has a callable `flash_attn_func`, or None. Imported
+    once per process, on first use (an installed wheel whose CUDA libraries do not load counts as absent)."""
+    for name in FA3_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except (ImportError, OSError):
+            continue
+        func = getattr(module, "flash_attn_func", None)
+        if not callable(func):
+            continue
+        if name == "fa3_fwd_interface":
+            _alias_fa3_config()
+        return Fa3Kernel(name, func, _takes_lse_flag(func))
+    return None
 
 
 def fa3_available() -> bool:
-    """Whether FlashAttention 3's `flash_attn_interface.flash_attn_func` imports. (A package of that name
+    """Whether a FlashAttention 3 `flash_attn_func` imports (`load_fa3`). (A package of FA3's module name
     on PyPI, flash-attn-interface 0.0.1, is an empty placeholder: having the module is not enough.)"""
-    try:
-        import flash_attn_interface
-    except ImportError:
-        return False
-    return callable(getattr(flash_attn_interface, "flash_attn_func", None))
+    return load_fa3() is not None
+
+
+@torch.library.custom_op("diffserve::fa3_attention", mutates_args=())
+def fa3_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention 3 with its log-sum-exp: q (B, Lq, H, D), k/v (B, Lk, H, D) -> out (B, Lq, H, D) in
+    q's dtype, lse (B, H, Lq) float32 (natural log of each query row's softmax denominator). A custom op,
+    so that torch.compile calls the kernel as it is."""
+    fa3 = load_fa3()
+    if fa3 is None:
+        raise RuntimeError('FlashAttention 3 is not installed (pip install "diffserve[fa3]")')
+    res = fa3.func(q, k, v, return_attn_probs=True) if fa3.lse_flag else fa3.func(q, k, v)
+    if not isinstance(res, (tuple, list)) or len(res) < 2:
+        raise RuntimeError(f"{fa3.module}.flash_attn_func returned no log-sum-exp (expected (out, lse, ...))")
+    out, lse = res[0], res[1]
+    b, lq, h, _ = q.shape
+    if tuple(lse.shape) != (b, h, lq):
+        raise RuntimeError(f"{fa3.module}.flash_attn_func returned lse of shape {tuple(lse.shape)}, expected "
+                           f"(batch, heads, queries) = {(b, h, lq)}")
+    return out.contiguous(), lse.float().contiguous()
+
+
+@fa3_attention_lse.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, lq, h, _ = q.shape
+    return q.new_empty(b, lq, h, v.shape[-1]), q.new_empty(b, h, lq, dtype=torch.float32)
+
+
+@register_flop_formula(torch.ops.diffserve.fa3_attention)
+def _fa3_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and PV, as torch's counter counts SDPA."""
+    b, lq, h, d = q_shape
+    return 2 * b * h * lq * k_shape[1] * (d + v_shape[-1])
+
+
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention 3, (B, L, H, D) in and out (the output of `fa3_attention_lse`)."""
+    return fa3_attention_lse(q, k, v)[0]
 
 
 def default_backend(device: torch.device) -> str:
-    """The fastest backend known to be right on `device` (cuDNN SDPA on Hopper; FA3 when installed)."""
+    """The fastest backend known to be right on `device`: FA3 on Hopper (compute capability 9.x) when it
+    imports, else cuDNN SDPA on Hopper and newer, else torch's SDPA (always on the CPU)."""
     if device.type != "cuda":
         return "sdpa"
-    if fa3_available() and torch.cuda.get_device_capability(device)[0] == 9:
+    major = torch.cuda.get_device_capability(device)[0]
+    if major == 9 and fa3_available():
         return "fa3"
-    if torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device)[0] >= 9:
+    if major >= 9 and torch.backends.cudnn.is_available():
         return "cudnn"
     return "sdpa"
 
 
 def fused_kernel_fits(backend: str, q: torch.Tensor) -> bool:
     """Whether the half-precision fused kernels (cuDNN, flash, FA3) take these inputs; otherwise the
-    caller falls back to torch's own SDPA choice (fp32 runs, odd head sizes, CPU tensors)."""
+    caller falls back to torch's own SDPA choice (fp32 runs, odd head sizes, CPU tensors; for FA3 also
+    fp16, which the fa3-fwd build leaves out)."""
     if backend in ("sdpa", "math", "efficient"):
         return True
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= (128 if backend == "cudnn" else 256))
+    if not q.is_cuda or q.shape[-1] % 8:
+        return False
+    if backend == "fa3":
+        return q.dtype in FA3_DTYPES and q.shape[-1] <= FA3_MAX_HEAD_DIM
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= (128 if backend == "cudnn" else 256)
 
 
 class AttentionOp:
@@ -247,7 +351,9 @@ class AttentionOp:
             if backend not in BACKENDS:
                 raise ValueError(f"unknown attention backend {backend!r}; accepted: {', '.join(BACKENDS)}")
             if backend == "fa3" and not fa3_available():
-                raise ValueError("attention backend 'fa3' needs the flash_attn_interface package (FlashAttention 3)")
+                raise ValueError("attention backend 'fa3' needs FlashAttention 3: pip install \"diffserve[fa3]\" "
+                                 "(the fa3-fwd wheel, Linux x86_64, Hopper GPUs) or FA3's own "
+                                 "flash_attn_interface")
             self.backend = backend
         if parallel is not None:
             self.parallel = parallel
@@ -257,7 +363,7 @@ class AttentionOp:
         (B, Lq, H, D)."""
         backend = self.backend if fused_kernel_fits(self.backend, q) else "sdpa"
         if backend == "fa3":
-            return _fa3_attention(q, k, v)
+            return fa3_attention(q, k, v)
         return sdpa_attention(q, k, v, backend)
 
     def local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -44,6 +44,8 @@ from diffserve.layers.attention import (
     KeySelection,
     MaskedAttentionFn,
     attend_selected,
+    fa3_attention_lse,
+    fused_kernel_fits,
     plan_key_selections,
 )
 
@@ -156,11 +158,15 @@ def sdpa_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns its log-sum-exp, through the fused torch kernels where they exist.
 
-    CPU: the flash CPU kernel. CUDA: cuDNN (backend 'cudnn') or flash for fp16/bf16, memory-efficient for
-    fp32. Anything else (or a kernel refusing the shapes) falls back to `math_attention_lse`.
+    CPU: the flash CPU kernel. CUDA: FlashAttention 3 (backend 'fa3', where it takes the inputs), cuDNN
+    (backend 'cudnn') or flash for fp16/bf16, memory-efficient for fp32. Anything else (or a torch kernel
+    refusing the shapes) falls back to `math_attention_lse`.
     """
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     lq = q.shape[1]
+    if backend == "fa3" and fused_kernel_fits("fa3", q):
+        out, lse = fa3_attention_lse(q, k, v)
+        return out, _lse_rows(lse, lq)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     ops = torch.ops.aten
     try:
         if q.device.type == "cpu":
