@@ -12,15 +12,28 @@ from diffserve.errors import UserError
 IMAGE_FORMATS = ("png", "jpeg", "webp")  # kept equal to diffserve.media's lists (imported lazily there)
 VIDEO_FORMATS = ("mp4", "gif", "webp", "frames")
 
+MODEL_DEFAULTS_HELP = """\
+model defaults (what a flag left out becomes; each reference pipeline's own):
+  FLUX.1-dev            1024x1024, 28 steps, guidance 3.5 (embedded in the model, no negative prompt)
+  FLUX.1-schnell        1024x1024, 4 steps, no guidance
+  Wan2.1 T2V / I2V      832x480, 81 frames at 16 fps, 50 steps, CFG 5.0 (negative prompt: empty if not given)
+  HunyuanVideo          1280x720, 129 frames at 24 fps, 50 steps, guidance 6.0 (embedded)
+  Qwen-Image            1024x1024, 50 steps, true CFG 4.0 (runs when a negative prompt is given)
+  Qwen-Image-Edit       an input image required (--image-path, or the upload); size: the input's aspect
+                        ratio at about 1024x1024 pixels; 50 steps, true CFG 4.0 (with a negative prompt)"""
+
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults come from the model)")
     g.add_argument("--prompt", required=True, help="text prompt")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt (models with classifier-free guidance)")
+    g.add_argument("--negative-prompt", default=None,
+                   help="negative prompt (models with classifier-free guidance; Qwen-Image runs its true CFG only "
+                        "with one: ' ' is enough)")
     g.add_argument("--height", type=int, default=None, help="output height in pixels (multiple of 16 for real models)")
     g.add_argument("--width", type=int, default=None, help="output width in pixels (multiple of 16 for real models)")
     g.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (1-1000)")
-    g.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (0-100)")
+    g.add_argument("--guidance-scale", "--true-cfg-scale", dest="guidance_scale", type=float, default=None,
+                   help="guidance scale (0-100); for Qwen-Image models it is diffusers' true_cfg_scale")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     g.add_argument("--num-outputs", type=int, default=1, help="images/videos to generate for the prompt (1-16)")
     g.add_argument("--num-frames", type=int, default=None, help="video models: frames, 4k+1 (e.g. 81)")
@@ -40,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffserve", description="Fast diffusion inference and serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="run one generation and write the result to files",
-                         description="Run one generation job in this process and write the outputs.")
+                         description="Run one generation job in this process and write the outputs.",
+                         epilog=MODEL_DEFAULTS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(gen)
     _add_generate_args(gen)
     from diffserve.server.cli import add_serve_parser

@@ -276,14 +276,18 @@ class QwenDecodingStage(PipelineStage):
 
 class QwenInputStage(InputValidationStage):
     """Validation (the edit model's default size comes from the input image, `size_from_image_area`) plus
-    editing's batching rule: the requests of one batch share the reference image size."""
+    two rules of Qwen's: a schedule stretched to `shift_terminal` needs 2 steps or more (with one, the
+    reference's sigmas are NaN), and the edit requests of one batch share the reference image size."""
 
-    def __init__(self, defaults: ModelDefaults, edit: bool) -> None:
+    def __init__(self, defaults: ModelDefaults, edit: bool, scheduler: FlowMatchConfig) -> None:
         super().__init__(defaults)
-        self.edit = edit
+        self.edit, self.scheduler = edit, scheduler
 
     def run(self, state: PipelineState) -> None:
         super().run(state)
+        if self.scheduler.shift_terminal and state.request.num_inference_steps < 2:  # type: ignore[operator]
+            raise InvalidRequestError("num_inference_steps=1 is not accepted: this model's schedule (stretched to "
+                                      "shift_terminal) needs at least 2 steps", param="num_inference_steps")
         if self.edit and len({reference_size(r.image) for r in state.requests}) > 1:
             raise InvalidRequestError("edit requests batched together must have input images of the same aspect "
                                       "ratio (they are resized to the same reference size)", param="image")
@@ -345,7 +349,7 @@ def load_qwen_components(index: ModelIndex, cfg: EngineConfig, attention: Attent
 def _build(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, edit: bool) -> ComposedPipeline:
     c = load_qwen_components(index, cfg, attention, edit)
     defaults = qwen_defaults(c, edit, repo_defaults(index.root))
-    stages: list[PipelineStage] = [QwenInputStage(defaults, edit), QwenTextEncodingStage(c, edit)]
+    stages: list[PipelineStage] = [QwenInputStage(defaults, edit, c.scheduler), QwenTextEncodingStage(c, edit)]
     if edit:
         stages.append(QwenEditImageStage(c))
     stages += [QwenLatentStage(c), QwenTimestepStage(c), DenoisingStage(QwenImagePredictor(c), NormRescaledCfg()),

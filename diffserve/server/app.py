@@ -14,6 +14,7 @@ Every error is ``{"error": {"message", "type", "param", "code"}}``: 400 bad inpu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import re
 import time
@@ -162,7 +163,8 @@ def _models_router() -> APIRouter:
         d = rt.supervisor.defaults
         info = rt.supervisor.info
         return {"id": rt.config.model_id, "object": "model", "created": rt.created, "owned_by": "diffserve",
-                "kind": d.kind if d else None, "pipeline": info.pipeline_class if info else None}
+                "kind": d.kind if d else None, "pipeline": info.pipeline_class if info else None,
+                "defaults": dataclasses.asdict(d) if d else None}
 
     @router.get("/models")
     async def list_models(request: Request) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from diffserve.cli import MODEL_DEFAULTS_HELP
 from diffserve.cli_args import add_engine_args
 from diffserve.errors import UserError
 
@@ -25,7 +26,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve one model over an OpenAI-compatible HTTP API (images, image edits, video jobs). "
-                    "The model runs in a worker process fed by a batching queue.")
+                    "The model runs in a worker process fed by a batching queue. A request that leaves a field "
+                    "out gets the model's default (GET /v1/models lists them).",
+        epilog=MODEL_DEFAULTS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
     net = p.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -126,20 +126,32 @@ class ImageGenerationBody(SamplingExtensions):
     moderation: str | None = None
     background: Literal["auto", "opaque"] | None = None
     stream: bool | None = None  # true is refused: no streaming
+    true_cfg_scale: float | None = None  # diffusers' name of Qwen-Image's guidance scale: same as guidance_scale
 
-
-class ImageEditBody(ImageGenerationBody):
-    """`POST /v1/images/edits` form fields besides the `image` files. `input_fidelity` is ignored; a `mask`
-    file is refused (inpainting masks are not supported)."""
-
-    input_fidelity: str | None = None
+    def guidance(self) -> float | None:
+        """`guidance_scale`, or its alias `true_cfg_scale` (a 400 when both are given and differ)."""
+        if self.true_cfg_scale is None:
+            return self.guidance_scale
+        if self.guidance_scale is not None and self.guidance_scale != self.true_cfg_scale:
+            raise APIError(400, "guidance_scale and true_cfg_scale name the same setting; give one of them",
+                           param="true_cfg_scale")
+        return self.true_cfg_scale
 
 
 class ImageReference(_Body):
-    """`input_reference` given by reference rather than uploaded: an http(s) or data URL."""
+    """An input image given by reference rather than uploaded: an http(s) or data URL."""
 
     image_url: str | None = None
     file_id: str | None = None
+
+
+class ImageEditBody(ImageGenerationBody):
+    """`POST /v1/images/edits`: multipart form fields besides the `image` file(s), or a JSON body whose
+    input image is `images: [{"image_url": ...}]` (OpenAI's JSON form). `input_fidelity` is ignored; a
+    `mask` file is refused (inpainting masks are not supported)."""
+
+    input_fidelity: str | None = None
+    images: list[ImageReference] | None = None
 
 
 class VideoCreateBody(SamplingExtensions):

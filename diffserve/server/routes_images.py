@@ -21,7 +21,14 @@ from fastapi import APIRouter, Request
 
 from diffserve.config import GenerationRequest
 from diffserve.errors import UserError
-from diffserve.server.inputs import image_from_upload, read_form
+from diffserve.server.inputs import (
+    check_url_allowed,
+    image_from_upload,
+    image_from_url,
+    is_form,
+    read_form,
+    read_json,
+)
 from diffserve.server.messages import ItemDone, OutputSpec
 from diffserve.server.protocol import (
     APIError,
@@ -71,7 +78,7 @@ def _build_request(rt: Runtime, body: ImageGenerationBody, image: Any) -> Genera
     width, height = parse_size(body.size)
     return resolve(GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
-        num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed,
+        num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance(), seed=body.seed,
         num_outputs=n, image=image), defaults)
 
 
@@ -119,28 +126,46 @@ async def create_image(body: ImageGenerationBody, request: Request) -> dict[str,
     return await _generate(request.app.state.runtime, request, body, image=None)
 
 
-@router.post("/images/edits")
-async def edit_image(request: Request) -> dict[str, Any]:
-    """Image + prompt to image, for models that take an input image (multipart: ``image`` file(s) and the
-    same fields as generations)."""
-    rt: Runtime = request.app.state.runtime
-    defaults = rt.defaults()
-    fields, files = await read_form(request, rt.config.max_upload_bytes)
-    body = ImageEditBody.parse(fields, lax=True)
-    rt.check_model(body.model)
-    if defaults.kind != "image" or not defaults.accepts_image:
-        what = "makes videos (use POST /v1/videos with input_reference)" if defaults.kind == "video" else (
-            "does not take an input image, so it cannot edit images (use POST /v1/images/generations)")
-        raise APIError(400, f"model '{rt.config.model_id}' {what}", param="image", code="unsupported_model")
+async def _edit_input(rt: Runtime, body: ImageEditBody, files: dict[str, list[bytes]]) -> Any:
+    """The one input image of an edit, uploaded (``image``) or referenced (``images[0].image_url``: a data
+    URL, or an http(s) URL the server fetches only with --allow-url-inputs), as a PIL image."""
     if "mask" in files:
         raise APIError(400, "masks are not supported by this server", param="mask")
     unknown = set(files) - {"image"}
     if unknown:
         raise APIError(400, f"Unrecognized file field supplied: {min(unknown)}", param=min(unknown))
-    uploads = files.get("image", [])
-    if not uploads:
-        raise APIError(400, "Missing required parameter: 'image' (one image file).", param="image")
-    if len(uploads) > 1:
-        raise APIError(400, f"this model takes one input image; got {len(uploads)}", param="image")
-    image = await image_from_upload(uploads[0], param="image")
+    uploads, refs = files.get("image", []), body.images or []
+    if not uploads and not refs:
+        raise APIError(400, "Missing required parameter: 'image' (one image file, or images: [{image_url}]).",
+                       param="image")
+    if len(uploads) + len(refs) > 1:
+        raise APIError(400, f"this model takes one input image; got {len(uploads) + len(refs)}", param="image")
+    if uploads:
+        return await image_from_upload(uploads[0], param="image")
+    ref = refs[0]
+    if ref.image_url is None:
+        raise APIError(400, "images[0].file_id is not supported here; upload the image or give image_url",
+                       param="images")
+    check_url_allowed(ref.image_url, allow_urls=rt.config.allow_url_inputs, param="images")
+    return await image_from_url(ref.image_url, allow_urls=rt.config.allow_url_inputs,
+                                max_bytes=rt.config.max_upload_bytes, param="images")
+
+
+@router.post("/images/edits")
+async def edit_image(request: Request) -> dict[str, Any]:
+    """Image + prompt to image, for models that take an input image: multipart (``image`` file and the same
+    fields as generations, what OpenAI's SDK sends) or JSON with ``images: [{"image_url": ...}]``."""
+    rt: Runtime = request.app.state.runtime
+    defaults = rt.defaults()
+    if is_form(request):
+        fields, files = await read_form(request, rt.config.max_upload_bytes)
+        body = ImageEditBody.parse(fields, lax=True)
+    else:
+        body, files = ImageEditBody.parse(await read_json(request)), {}
+    rt.check_model(body.model)
+    if defaults.kind != "image" or not defaults.accepts_image:
+        what = "makes videos (use POST /v1/videos with input_reference)" if defaults.kind == "video" else (
+            "does not take an input image, so it cannot edit images (use POST /v1/images/generations)")
+        raise APIError(400, f"model '{rt.config.model_id}' {what}", param="image", code="unsupported_model")
+    image = await _edit_input(rt, body, files)
     return await _generate(rt, request, body, image=image)

@@ -226,7 +226,7 @@ def read_config(repo: str, component: str | None = None) -> dict[str, Any]:
         path = folder / "model_index.json"
     elif component == "scheduler":
         path = folder / component / "scheduler_config.json"
-    elif component == "image_processor":
+    elif component in ("image_processor", "processor"):
         path = folder / component / "preprocessor_config.json"
     else:
         path = folder / component / "config.json"
@@ -302,8 +302,6 @@ def _qwen_plan(repo: str, scale: Scale) -> list[Component]:
     """Qwen-Image / Qwen-Image-Edit (the edit repo adds the Qwen2-VL `processor`). The Qwen2.5-VL config
     nests its text and vision configs, so their size overrides are applied inside them too."""
     text = _sized(repo, "text_encoder", scale, _TINY_QWEN_TEXT)
-    text["text_config"] = _strip_meta(text["text_config"])
-    text["vision_config"] = _strip_meta(text["vision_config"])
     if scale == "tiny":
         text["text_config"].update(copy.deepcopy(_TINY_QWEN_TEXT))
         text["text_config"]["layer_types"] = text["text_config"]["layer_types"][:_TINY_QWEN_TEXT["num_hidden_layers"]]
@@ -313,9 +311,7 @@ def _qwen_plan(repo: str, scale: Scale) -> list[Component]:
                               for i, t in tokenizer_config["added_tokens_decoder"].items()}}
     plan = []
     if (CONFIG_DIR / repo / "processor").is_dir():
-        processor = _strip_meta(json.loads((CONFIG_DIR / repo / "processor" / "preprocessor_config.json").read_text()))
-        if scale == "tiny":
-            processor.update(copy.deepcopy(_TINY_QWEN_PROCESSOR))
+        processor = _sized(repo, "processor", scale, _TINY_QWEN_PROCESSOR)
         plan.append(Component("processor", "qwen2_vl_processor", processor, {**added, "repo": repo}))
     plan += [
         _scheduler(repo),

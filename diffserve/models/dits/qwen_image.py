@@ -6,8 +6,8 @@ one joint attention over [text; image], with the text key-padding mask. Paramete
 diffusers `QwenImageTransformer2DModel` checkpoints so they load with strict=True.
 
 Precision follows the reference: everything runs in the model dtype except the RMS statistics of the
-RMSNorms, the rotary products (float32 tables), and the timestep's sinusoidal features (float32, from
-frequencies rounded to the model dtype). Shapes: B batch, T text tokens, N image tokens, C channels,
+RMSNorms, the rotary products (float32 tables), and the timestep's sinusoidal features (float32, of the
+timestep as given in the model dtype). Shapes: B batch, T text tokens, N image tokens, C channels,
 H heads, D head size.
 """
 
@@ -88,11 +88,11 @@ class QwenImageConfig:
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, scale: float = 1000.0) -> torch.Tensor:
-    """Sinusoidal features [cos, sin] (B, dim) float32 of timesteps t (B,) in [0, 1], as the reference
-    computes them: the frequencies are rounded to t's dtype, the angles are t * freq * scale in float32."""
+    """Sinusoidal features [cos, sin] (B, dim) float32 of timesteps t (B,) in [0, 1]: angles
+    (t * freq) * scale in float32, frequencies 10000^(-i/half), as the reference orders the products."""
     half = dim // 2
     exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    freqs = torch.exp(exponent).to(t.dtype)
+    freqs = torch.exp(exponent)
     angles = scale * (t[:, None].float() * freqs[None, :])  # (B, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -104,8 +104,11 @@ def _axis_angles(pos: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _interleaved(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, D/2) angles -> cos, sin (L, D), each repeated for the (real, imaginary) pair it rotates."""
-    return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
+    """(L, D/2) angles -> cos, sin (L, D), each repeated for the (real, imaginary) pair it rotates. Taken
+    from the unit complex numbers e^(i angle) as the reference makes them (`torch.polar`, whose cos/sin
+    can differ from torch.cos/sin in the last bit)."""
+    unit = torch.polar(torch.ones_like(angles), angles)
+    return unit.real.repeat_interleave(2, dim=1), unit.imag.repeat_interleave(2, dim=1)
 
 
 def centred_positions(n: int, device: torch.device | None = None) -> torch.Tensor:
