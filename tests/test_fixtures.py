@@ -23,9 +23,12 @@ PIPELINE_CLASS = {
     "wan-i2v": "WanImageToVideoPipeline",
     "fastwan-t2v": "WanPipeline",  # model_index says WanDMDPipeline, which diffusers does not have
     "hunyuan-video": "HunyuanVideoPipeline",
+    "qwen-image": "QwenImagePipeline",
+    "qwen-image-edit": "QwenImageEditPipeline",
 }
 MODEL_KINDS = {"clip_text", "clip_vision", "t5", "umt5", "flux_transformer", "flux_vae", "wan_transformer",
-               "wan_vae", "llama", "hunyuan_transformer", "hunyuan_vae"}
+               "wan_vae", "llama", "hunyuan_transformer", "hunyuan_vae", "qwen2_5_vl", "qwen_transformer",
+               "qwen_vae"}
 PROMPTS = ("a photo of a cat", "a red circle on the left")
 
 
@@ -78,10 +81,12 @@ def test_layout_mirrors_real_repo(repos: dict[str, Path], name: str) -> None:
             assert {"tokenizer.json", "tokenizer_config.json"} <= files
         elif component == "image_processor":
             assert files == {"preprocessor_config.json"}
+        elif component == "processor":  # Qwen2-VL: its tokenizer, image (and video) processor configs
+            assert {"preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
         elif library == "diffusers":
             assert files == {"config.json", "diffusion_pytorch_model.safetensors"}
-        else:
-            assert files == {"config.json", "model.safetensors"}
+        else:  # Qwen2.5-VL ships its generation config too
+            assert files - {"generation_config.json"} == {"config.json", "model.safetensors"}
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -107,6 +112,17 @@ def test_configs_keep_real_values(repos: dict[str, Path], name: str) -> None:
         assert llama["num_hidden_layers"] >= 3  # the pipeline reads hidden_states[-3]
         assert (clip["hidden_size"], clip["hidden_act"]) == (tr["pooled_projection_dim"], "quick_gelu")
         assert tr["rope_theta"] == real_tr["rope_theta"] and tr["patch_size_t"] == real_tr["patch_size_t"]
+        return
+    if fx.SPECS[name].family == "qwen":
+        te, real_te = _json(root / "text_encoder" / "config.json"), fx.read_config(repo, "text_encoder")
+        ids = ("vocab_size", "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+               "bos_token_id", "eos_token_id")
+        assert {k: te[k] for k in ids} == {k: real_te[k] for k in ids}
+        assert te["text_config"]["hidden_size"] == te["vision_config"]["out_hidden_size"] == tr["joint_attention_dim"]
+        vision = ("patch_size", "spatial_merge_size", "temporal_patch_size", "window_size")
+        assert {k: te["vision_config"][k] for k in vision} == {k: real_te["vision_config"][k] for k in vision}
+        assert tr["in_channels"] == 4 * vae["z_dim"] and tr.get("pooled_projection_dim") == real_tr.get(
+            "pooled_projection_dim")
         return
     text = _json(root / ("text_encoder_2" if "text_encoder_2" in fx.read_config(repo) else "text_encoder")
                  / "config.json")
@@ -150,25 +166,41 @@ def _generate(name: str, pipe, prompt: str) -> np.ndarray:
         return pipe(prompt=prompt, guidance_scale=3.5, **kwargs).images
     if name == "hunyuan-video":  # embedded guidance, no negative prompt
         return pipe(prompt=prompt, num_frames=5, guidance_scale=6.0, **kwargs).frames
+    if name.startswith("qwen"):  # true CFG; the edit pipeline resizes its input to about a megapixel
+        if name == "qwen-image-edit":
+            kwargs["image"] = _image()
+        return pipe(prompt=prompt, negative_prompt="bad quality", true_cfg_scale=4.0, **kwargs).images
     kwargs.update(num_frames=5, guidance_scale=5.0, negative_prompt="bad quality")
     if name == "wan-i2v":
-        from PIL import Image
-
-        pixels = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
-        kwargs["image"] = Image.fromarray(pixels)
+        kwargs["image"] = _image()
     return pipe(prompt=prompt, **kwargs).frames
+
+
+def _image():
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_loads_back_and_generates(repos: dict[str, Path], name: str) -> None:
     import diffusers
 
-    pipe = getattr(diffusers, PIPELINE_CLASS[name]).from_pretrained(repos[name])
+    extra = {}
+    if name == "qwen-image-edit":  # transformers' processor loader needs torchvision (for its video processor)
+        from diffserve.pipelines.qwen_image import load_processor
+
+        extra["processor"] = load_processor(repos[name] / "processor")
+    pipe = getattr(diffusers, PIPELINE_CLASS[name]).from_pretrained(repos[name], **extra)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.transformer.config.num_layers == 2
-    assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size
+    if name.startswith("qwen"):  # the real embedding rows (special tokens at their real ids), a tiny vocabulary
+        assert pipe.text_encoder.config.vocab_size == 152064 and len(pipe.tokenizer) == tt.QWEN2_VOCAB_SIZE + 22
+    else:
+        assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size
     first, second = (_generate(name, pipe, p) for p in PROMPTS)
-    assert first.shape == ((1, 16, 16, 3) if name.startswith("flux") else (1, 5, 16, 16, 3))
+    image = name.startswith(("flux", "qwen"))
+    assert first.shape == ((1, 16, 16, 3) if image else (1, 5, 16, 16, 3))
     assert np.isfinite(first).all() and first.std() > 0.1
     assert np.abs(first - second).mean() > 0.02  # the prompt visibly matters
 
@@ -279,6 +311,7 @@ FULL_PARAMS = {
     ("wan-t2v-14b", "transformer"): 14_288_491_584, ("wan-i2v", "transformer"): 16_394_878_784,
     ("wan-i2v", "image_encoder"): 632_076_800,
     ("fastwan-t2v", "transformer"): 1_418_996_800 + 30 * (1536 * 1536 + 1536),
+    ("qwen-image", "transformer"): 20_430_401_088, ("qwen-image-edit", "text_encoder"): 8_292_166_656,
 }
 
 

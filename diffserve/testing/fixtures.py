@@ -389,7 +389,8 @@ def construct_model(component: Component, *, seed: int = 0, device: str | torch.
             model = diffusers.HunyuanVideoTransformer3DModel.from_config(cfg)
         elif kind == "hunyuan_vae":
             model = diffusers.AutoencoderKLHunyuanVideo.from_config(cfg)
-        elif kind == "qwen2_5_vl":
+        elif kind == "qwen2_5_vl":  # the nested configs' own dtypes (vision: float32) would override `dtype`
+            cfg.update({k: _strip_meta(cfg[k]) for k in ("text_config", "vision_config")})
             model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**cfg))
         elif kind == "qwen_transformer":  # keeps the real file's unused pooled_projection_dim in its config
             model = diffusers.QwenImageTransformer2DModel.from_config(cfg)
@@ -406,7 +407,9 @@ _CONDITIONING_GAIN = {
     "flux_transformer": (3.0, ("context_embedder", "add_v_proj")),
     "wan_transformer": (3.0, ("attn2.to_v", "attn2.to_out", "attn2.add_v_proj")),
     "hunyuan_transformer": (3.0, ("context_embedder.proj_in", "add_v_proj")),
-    "qwen_transformer": (3.0, ("txt_in", "add_v_proj")),
+    # QK-normed attention: the text keys' norm scale decides how much the text weighs against thousands of
+    # reference-image tokens when editing
+    "qwen_transformer": (4.0, ("txt_in", "add_v_proj", "norm_added_k")),
 }
 """Extra gain on the projections that carry text / image conditioning into the latent stream."""
 
