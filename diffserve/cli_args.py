@@ -6,6 +6,17 @@ from __future__ import annotations
 
 import argparse
 
+MODEL_DEFAULTS_HELP = """\
+model defaults (what a flag left out becomes; each reference pipeline's own):
+  FLUX.1-dev            1024x1024, 28 steps, guidance 3.5 (embedded in the model, no negative prompt)
+  FLUX.1-schnell        1024x1024, 4 steps, no guidance
+  Wan2.1 T2V / I2V      832x480, 81 frames at 16 fps, 50 steps, CFG 5.0 (negative prompt: empty if not given)
+  HunyuanVideo          1280x720, 129 frames at 24 fps, 50 steps, guidance 6.0 (embedded)
+  Qwen-Image            1024x1024, 50 steps, true CFG 4.0 (runs when a negative prompt is given)
+  Qwen-Image-Edit       an input image required (--image-path, or the upload); size: the input's aspect
+                        ratio at about 1024x1024 pixels; 50 steps, true CFG 4.0 (with a negative prompt)"""
+"""The `--help` epilog of generate and serve: each family's defaults (a request field left out gets them)."""
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Add the "model and engine" and "multi-GPU" argument groups to a subcommand's parser."""

@@ -14,8 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from diffserve.cli import MODEL_DEFAULTS_HELP
-from diffserve.cli_args import add_engine_args
+from diffserve.cli_args import MODEL_DEFAULTS_HELP, add_engine_args
 from diffserve.errors import UserError
 
 FAULT_INJECTION_ENV = "DIFFSERVE_SERVER_FAULT_INJECTION"
