@@ -115,3 +115,61 @@ def test_full_size_flux_step_flops_match_the_architecture() -> None:
     head = mm(1, d, 2 * d) + mm(img, d, 64)
     assert flops.matmul == 19 * double + 38 * single + embeds + head
     assert flops.attention == 57 * roofline.attention_flops((1, img + txt, 24, 128), (1, img + txt, 24, 128))
+
+
+def test_scaling_harness_merges_invocations_and_charts(wan_t2v_repo: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/bench_scaling.py on the CPU: a real one-GPU run, a layout that fails (error row, the run
+    goes on), a later invocation compared against the saved one-GPU output, the chart and the markdown."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import bench_scaling
+
+    out = tmp_path / "scaling.json"
+    common = ["tiny-wan", "--repo", str(wan_t2v_repo), "--device", "cpu", "--dtype", "fp32", "--steps", "1",
+              "--out", str(out)]
+    rows = bench_scaling.main([*common, "--layouts", "1;u4"])["tiny-wan"]  # 2 heads: U4 fails before any spawn
+    assert [r["layout"] for r in rows] == ["1", "u4"]
+    assert rows[0]["mean_abs_diff_255_vs_1gpu"] == 0.0 and rows[0]["speedup_per_step"] == 1.0
+    assert "does not divide" in rows[1]["error"] and "per_step_s" not in rows[1]
+    ref = np.load(tmp_path / "ref" / "tiny-wan-1gpu.npy")
+    assert ref.dtype == np.uint8 and ref.shape[0] == bench_scaling.SCALING_WORKLOADS["tiny-wan"].num_frames
+
+    def fake_run(repo: Path, layout: str, w: object, steps: int, device: str, dtype: str):
+        # a second invocation (no "1" layout) on 4 "GPUs", twice as fast per step; its output is off by 1/255
+        base = rows[0]
+        row = {"layout": layout, "gpus": 4, "device": "CPU", "per_step_s": base["per_step_s"] / 2,
+               "fixed_s": base["fixed_s"], "e2e_full_s": base["e2e_full_s"] / 2}
+        return row, np.where(ref < 255, ref + 1, ref - 1).astype(np.uint8)
+
+    monkeypatch.setattr(bench_scaling, "run_layout", fake_run)
+    rows = bench_scaling.main([*common, "--layouts", "u4;cfg2xu2"])["tiny-wan"]
+    assert [r["layout"] for r in rows] == ["1", "u4", "cfg2xu2"]  # u4's error row replaced in place
+    assert json.loads(out.read_text())["tiny-wan"] == rows
+    for r in rows[1:]:
+        assert r["mean_abs_diff_255_vs_1gpu"] == 1.0
+        assert r["speedup_per_step"] == pytest.approx(2.0, abs=1e-2) and r["efficiency_per_step"] == pytest.approx(0.5, abs=1e-2)
+    serve = tmp_path / "serve.json"
+    serve.write_text(json.dumps({"results": [
+        {"dp_size": 1, "max_batch_size": 8, "requests": 16, "wall_s": 80.0, "images_per_s": 0.2},
+        {"dp_size": 8, "max_batch_size": 8, "requests": 16, "wall_s": 11.0, "images_per_s": 1.6}]}))
+    png, md = tmp_path / "scaling.png", tmp_path / "rows.md"
+    bench_scaling.main(["--report", str(out), "--serve", f"flux={serve}", "--chart", str(png), "--markdown", str(md)])
+    assert Image.open(png).size[0] == 1000 and len(Image.open(png).getcolors(1 << 16) or []) > 2
+    text = md.read_text()
+    assert "| tiny-wan 32x32x5, 3 steps | 1 | 1 |" in text and "| | CFG2 x U2 | 4 |" in text.replace("|  |", "| |")
+    assert "| flux | 8 | 8 | 16 | 11.0 s | 1.600 | 8.00x | 1.00 |" in text
+
+
+def test_server_benchmark_starts_data_parallel_servers() -> None:
+    """benchmarks/bench_server_batching.py: the serve flags of a D-replica server and its warm-up size."""
+    from argparse import Namespace
+
+    from benchmarks import bench_server_batching as bsb
+
+    args = Namespace(device="cuda", dtype="bf16", requests=16, warmup=1)
+    assert bsb.server_args(8, 8, args)[-4:] == ("--num-gpus", "8", "--dp-size", "8")
+    assert "--num-gpus" not in bsb.server_args(1, 8, args)
+    assert (bsb.warmup_count(args, 1), bsb.warmup_count(args, 8)) == (1, 8)
+    assert bsb.warmup_count(Namespace(requests=16, warmup=None), 1) == 16
