@@ -28,8 +28,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-outputs", type=int, default=1, help="images/videos to generate for the prompt (1-16)")
     g.add_argument("--num-frames", type=int, default=None, help="video models: frames, 4k+1 (e.g. 81)")
     g.add_argument("--fps", type=int, default=None, help="video models: frame rate of the written video")
-    g.add_argument("--image-path", default=None,
-                   help="input image for image-to-video / edit models: a file, an http(s) URL or a data URI")
+    g.add_argument("--image-path", action="append", default=None,
+                   help="input image for image-to-video / edit models: a file, an http(s) URL or a data URI; "
+                        "repeat it for models that take several (Qwen-Image-Edit-2509)")
     g.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default: the model's)")
     o = p.add_argument_group("output")
     dest = o.add_mutually_exclusive_group()
@@ -76,7 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"kernels are cached in {compile_cache_dir()} for later runs", file=sys.stderr)
     kind = engine.defaults.kind
     fmt = resolve_format(args.output_format, args.output_path, kind)
-    image = load_image(args.image_path) if args.image_path else None
+    images = [load_image(path) for path in args.image_path or ()]
+    image = images[0] if len(images) == 1 else (images or None)
     request = engine.validate(GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,

@@ -91,6 +91,7 @@ class ModelDefaults:
     # Image-conditioned models whose output size follows the input image (Qwen-Image-Edit): a size the request
     # leaves out keeps the input image's aspect ratio at about this many pixels (`size_for_aspect`).
     size_from_image_area: int | None = None
+    max_images: int = 1  # input images a request may give (a list when more than one; Qwen-Image-Edit-2509)
     # What guidance_scale means, shown by GET /v1/models: "cfg" (classifier-free guidance against the negative
     # prompt), "true_cfg" (Qwen-Image's norm-rescaled CFG, run only when a negative prompt is given),
     # "embedded" (a model input, e.g. FLUX.1-dev) or "none"; None: not declared.
@@ -111,11 +112,18 @@ class GenerationRequest:
     num_outputs: int = 1
     num_frames: int | None = None
     fps: int | None = None
-    image: object | None = None  # PIL image for image-conditioned models
+    image: object | None = None  # PIL image for image-conditioned models (a list for multi-image models)
     max_sequence_length: int | None = None
 
     def replace(self, **changes: object) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def images(self) -> list:
+        """The input images as a list (empty without one)."""
+        if self.image is None:
+            return []
+        return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
 
 
 def size_for_aspect(area: int, aspect: float, multiple: int) -> tuple[int, int]:
@@ -129,11 +137,11 @@ def size_for_aspect(area: int, aspect: float, multiple: int) -> tuple[int, int]:
 
 
 def _size_from_image(req: GenerationRequest, defaults: ModelDefaults) -> GenerationRequest:
-    """Fill the size the request leaves out from its input image's aspect ratio (models with
+    """Fill the size the request leaves out from its (last) input image's aspect ratio (models with
     `size_from_image_area`); other requests unchanged."""
-    if defaults.size_from_image_area is None or req.image is None or None not in (req.height, req.width):
+    if defaults.size_from_image_area is None or not req.images or None not in (req.height, req.width):
         return req
-    w, h = req.image.size  # type: ignore[attr-defined]
+    w, h = req.images[-1].size
     width, height = size_for_aspect(defaults.size_from_image_area, w / h, defaults.size_multiple)
     return req.replace(height=req.height if req.height is not None else height,
                        width=req.width if req.width is not None else width)
@@ -217,6 +225,9 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
         raise InvalidRequestError("this model needs an input image (--image-path / image)", param="image")
     if req.image is not None and not defaults.accepts_image:
         raise InvalidRequestError("this model does not take an input image", param="image")
+    if len(req.images) > defaults.max_images or (isinstance(req.image, (list, tuple)) and not req.images):
+        most = "one input image" if defaults.max_images == 1 else f"1 to {defaults.max_images} input images"
+        raise InvalidRequestError(f"this model takes {most}; got {len(req.images)}", param="image")
     return req.replace(
         height=height, width=width, num_inference_steps=steps, guidance_scale=float(guidance),
         num_outputs=n, seed=seed_v, num_frames=frames, fps=fps, max_sequence_length=msl,

@@ -25,6 +25,7 @@ PIPELINE_CLASS = {
     "hunyuan-video": "HunyuanVideoPipeline",
     "qwen-image": "QwenImagePipeline",
     "qwen-image-edit": "QwenImageEditPipeline",
+    "qwen-image-edit-plus": "QwenImageEditPlusPipeline",
 }
 MODEL_KINDS = {"clip_text", "clip_vision", "t5", "umt5", "flux_transformer", "flux_vae", "wan_transformer",
                "wan_vae", "llama", "hunyuan_transformer", "hunyuan_vae", "qwen2_5_vl", "qwen_transformer",
@@ -167,7 +168,7 @@ def _generate(name: str, pipe, prompt: str) -> np.ndarray:
     if name == "hunyuan-video":  # embedded guidance, no negative prompt
         return pipe(prompt=prompt, num_frames=5, guidance_scale=6.0, **kwargs).frames
     if name.startswith("qwen"):  # true CFG; the edit pipeline resizes its input to about a megapixel
-        if name == "qwen-image-edit":
+        if name.startswith("qwen-image-edit"):
             kwargs["image"] = _image()
         return pipe(prompt=prompt, negative_prompt="bad quality", true_cfg_scale=4.0, **kwargs).images
     kwargs.update(num_frames=5, guidance_scale=5.0, negative_prompt="bad quality")
@@ -187,7 +188,7 @@ def test_loads_back_and_generates(repos: dict[str, Path], name: str) -> None:
     import diffusers
 
     extra = {}
-    if name == "qwen-image-edit":  # transformers' processor loader needs torchvision (for its video processor)
+    if name.startswith("qwen-image-edit"):  # transformers' processor loader needs torchvision (its video processor)
         from diffserve.pipelines.qwen_image import load_processor
 
         extra["processor"] = load_processor(repos[name] / "processor")

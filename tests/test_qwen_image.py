@@ -1,5 +1,6 @@
-"""Qwen-Image and Qwen-Image-Edit against diffusers on the tiny repos (fp32, CPU): the transformer, the text
-conditioning, whole pipelines, batching, defaults, the CLI and the HTTP server (both models side by side).
+"""Qwen-Image, Qwen-Image-Edit and Qwen-Image-Edit-2509 (Edit-Plus) against diffusers on the tiny repos (fp32,
+CPU): the transformer, the text conditioning, whole pipelines, batching, defaults, the CLI and the HTTP
+server (text-to-image and edit side by side).
 
 The edit pipeline always resizes the input image to about 1024x1024 pixels (as the reference), so every
 edit run VAE-encodes a megapixel image: the edit tests run the pipeline as few times as they can."""
@@ -18,22 +19,30 @@ import numpy as np
 import openai
 import pytest
 import torch
-from diffusers import QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import (
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 from PIL import Image
 
 from diffserve import Engine, GenerationRequest
 from diffserve.cli import main
 from diffserve.config import size_for_aspect
+from diffserve.errors import InvalidRequestError
+from diffserve.media import to_pil_images
 from diffserve.models.dits.qwen_image import QwenImageConfig, QwenImageTransformer, image_rope, text_rope
 from diffserve.models.loader import load_dit
 from diffserve.pipelines.base import PipelineState
 from diffserve.pipelines.qwen_image import (
+    EDIT,
     EDIT_DROP,
     EDIT_TEMPLATE,
     T2I_DROP,
     T2I_TEMPLATE,
+    condition_images,
     load_processor,
-    reference_images,
 )
 from diffserve.testing.fixtures import CONFIG_DIR, fixture_path
 
@@ -228,7 +237,7 @@ def test_text_embeddings_exact_edit(edit_engine: Engine, edit_ref: QwenImageEdit
                           dtype=torch.float32)
     for stage in edit_engine.pipeline.stages[:2]:
         stage.run(state)
-    prompt_image = reference_images(state.requests, 8)[0]
+    prompt_image = condition_images(state.requests, EDIT, 8)[0]
     assert prompt_image.size == size_for_aspect(1024 * 1024, 80 / 48, 32) == (1312, 800)
     with torch.no_grad():
         embeds, mask = edit_ref.encode_prompt(PROMPTS[1], image=prompt_image, device=CPU)
@@ -291,20 +300,57 @@ def test_edit_size_rule_equals_reference(ratio: float) -> None:
     assert size_for_aspect(1024 * 1024, ratio, 16) == (width // 16 * 16, height // 16 * 16)
 
 
+# One edit with true CFG, run once by the engine and compared with diffusers, the CLI and the server; the output
+# size is given (small), so the megapixel part is the reference image.
+EDIT_PARAMS = dict(prompt=PROMPTS[1], negative_prompt=NEGATIVE, height=64, width=96, num_inference_steps=2, seed=7,
+                   guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def edit_ours(edit_engine: Engine) -> PipelineState:
+    return _run(edit_engine, GenerationRequest(image=_input_image(), **EDIT_PARAMS))  # type: ignore[arg-type]
+
+
+def _uint8(state: PipelineState) -> np.ndarray:
+    return np.asarray(to_pil_images(state.pixels)[0], dtype=np.int16)  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
-def test_edit_pipeline_matches_diffusers(edit_engine: Engine, edit_ref: QwenImageEditPipeline) -> None:
-    """One edit with true CFG; the output size is given (small) so the megapixel part is the reference image."""
-    image = _input_image()
-    state = _run(edit_engine, GenerationRequest(prompt=PROMPTS[1], negative_prompt=NEGATIVE, image=image, height=64,
-                                                width=96, num_inference_steps=2, seed=7))
-    expected = edit_ref(image, PROMPTS[1], negative_prompt=NEGATIVE, true_cfg_scale=4.0, height=64, width=96,
+def test_edit_pipeline_matches_diffusers(edit_ours: PipelineState, edit_ref: QwenImageEditPipeline) -> None:
+    expected = edit_ref(_input_image(), PROMPTS[1], negative_prompt=NEGATIVE, true_cfg_scale=3.0, height=64, width=96,
                         num_inference_steps=2, generator=torch.Generator().manual_seed(7), output_type="np").images
+    state = edit_ours
     got = state.pixels.permute(0, 2, 3, 1).numpy()  # type: ignore[union-attr]
     diff = float(np.abs(got - expected).max())
     print(f"Qwen-Image-Edit pipeline max pixel difference: {diff:.3e} (x255 = {diff * 255:.4f})")
     assert got.shape == expected.shape == (1, 64, 96, 3) and float(expected.std()) > 0.01
     assert diff <= 1 / 255
     assert state.image_cond["ref_latents"].shape[1] == (800 // 16) * (1312 // 16)  # the 1312x800 reference
+
+
+@pytest.mark.slow
+def test_edit_plus_pipeline_matches_diffusers() -> None:
+    """Edit-Plus with two input images of different aspect ratios (each appended as its own reference
+    tokens, each announced as "Picture i:"); the output size defaults to the last image's aspect ratio."""
+    repo = fixture_path("qwen-image-edit-plus")
+    engine = Engine.from_pretrained(str(repo), dtype="fp32", device="cpu")
+    images = [_input_image(80, 48), _input_image(40, 64)]
+    req = engine.validate(GenerationRequest(prompt="x", image=images))
+    assert (req.width, req.height) == size_for_aspect(1024 * 1024, 40 / 64, 16) == (800, 1280)
+    with pytest.raises(InvalidRequestError, match="1 to 3 input images"):
+        engine.validate(GenerationRequest(prompt="x", image=images * 2))
+    state = _run(engine, GenerationRequest(prompt=PROMPTS[1], negative_prompt=NEGATIVE, image=images, height=64,
+                                           width=48, num_inference_steps=2, seed=7))
+    ref = QwenImageEditPlusPipeline.from_pretrained(repo, processor=load_processor(repo / "processor"),
+                                                    torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(images, PROMPTS[1], negative_prompt=NEGATIVE, true_cfg_scale=4.0, height=64, width=48,
+                   num_inference_steps=2, generator=torch.Generator().manual_seed(7), output_type="np").images
+    got = state.pixels.permute(0, 2, 3, 1).numpy()  # type: ignore[union-attr]
+    diff = float(np.abs(got - expected).max())
+    print(f"Qwen-Image-Edit-Plus pipeline max pixel difference: {diff:.3e} (x255 = {diff * 255:.4f})")
+    assert got.shape == expected.shape == (1, 64, 48, 3) and diff <= 1 / 255
+    assert state.image_cond["ref_grid"].tolist() == [[50, 82], [80, 50]]  # 1312x800 and 800x1280 references
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,12 +376,16 @@ def test_cli_generate_t2i(t2i_repo: Path, tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.slow
-def test_cli_generate_edit(edit_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_generate_edit(edit_repo: Path, edit_ours: PipelineState, tmp_path: Path,
+                           capsys: pytest.CaptureFixture) -> None:
     src, out = _png(tmp_path / "in.png", _input_image()), tmp_path / "edited.png"
-    code = main(["generate", "--model-path", str(edit_repo), "--prompt", "make it blue", "--image-path", str(src),
-                 "--height", "32", "--width", "64", "--output-path", str(out), *BASE_ARGS])
+    p = EDIT_PARAMS
+    code = main(["generate", "--model-path", str(edit_repo), "--prompt", p["prompt"], "--image-path", str(src),
+                 "--negative-prompt", p["negative_prompt"], "--true-cfg-scale", str(p["guidance_scale"]),
+                 "--height", str(p["height"]), "--width", str(p["width"]), "--output-path", str(out), *BASE_ARGS,
+                 "--seed", str(p["seed"])])
     assert code == 0, capsys.readouterr().err
-    assert Image.open(out).size == (64, 32)
+    assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - _uint8(edit_ours)).max() <= 1
 
 
 def test_cli_bad_inputs(t2i_repo: Path, edit_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -347,6 +397,7 @@ def test_cli_bad_inputs(t2i_repo: Path, edit_repo: Path, tmp_path: Path, capsys:
         ([str(edit_repo)], "needs an input image"),
         ([str(edit_repo), "--image-path", str(corrupt)], "image"),
         ([str(t2i_repo), "--num-inference-steps", "1"], "at least 2 steps"),
+        ([str(edit_repo), "--image-path", str(src), "--image-path", str(src)], "takes one input image"),
     ]
     for extra, message in cases:
         code = main(["generate", "--prompt", "x", "--output-dir", str(tmp_path), *BASE_ARGS, "--model-path", *extra])
@@ -402,34 +453,33 @@ def test_server_models_show_defaults(servers) -> None:
 
 
 @pytest.mark.slow
-def test_server_edit_upload_and_image_url(servers, edit_engine: Engine) -> None:
+def test_server_edit_upload_and_image_url(servers, edit_ours: PipelineState) -> None:
     """The SDK's multipart upload and a JSON body with the image as a data URL, sent together (one batch of
-    two), give the same picture, which is the in-process engine's for the same request."""
-    image, server = _input_image(), servers["edit"]
-    extra = {"num_inference_steps": 2, "seed": 5, "negative_prompt": " ", "true_cfg_scale": 3.0}
+    two), give the in-process engine's picture for the same request."""
+    image, server, p = _input_image(), servers["edit"], EDIT_PARAMS
+    extra = {"num_inference_steps": p["num_inference_steps"], "seed": p["seed"], "negative_prompt": p["negative_prompt"],
+             "true_cfg_scale": p["guidance_scale"]}
+    size = f"{p['width']}x{p['height']}"
     data_url = "data:image/png;base64," + base64.b64encode(_png_bytes(image)).decode()
 
     def upload() -> str:
-        res = _client(server).images.edit(image=("in.png", _png_bytes(image), "image/png"), prompt="make it blue",
-                                          size="96x64", extra_body=extra)
+        res = _client(server).images.edit(image=("in.png", _png_bytes(image), "image/png"), prompt=p["prompt"],
+                                          size=size, extra_body=extra)  # type: ignore[arg-type]
         return res.data[0].b64_json  # type: ignore[return-value]
 
     def by_url() -> str:
         with httpx.Client(base_url=server.url, headers=server.headers, timeout=300) as http:
-            r = http.post("/v1/images/edits", json={"prompt": "make it blue", "size": "96x64",
+            r = http.post("/v1/images/edits", json={"prompt": p["prompt"], "size": size,
                                                     "images": [{"image_url": data_url}], **extra})
         assert r.status_code == 200, r.text
-        assert r.json()["size"] == "96x64"
+        assert r.json()["size"] == size
         return r.json()["data"][0]["b64_json"]
 
     with ThreadPoolExecutor(2) as pool:
         a, b = pool.submit(upload), pool.submit(by_url)
         uploaded, referenced = _decode(a.result()), _decode(b.result())
-    local = edit_engine.generate("make it blue", image=image, height=64, width=96, num_inference_steps=2, seed=5,
-                                 negative_prompt=" ", guidance_scale=3.0).images[0]
-    assert uploaded.shape == (64, 96, 3)
-    assert np.abs(uploaded - referenced).max() <= 1
-    assert np.abs(uploaded - np.asarray(local, dtype=np.int16)).max() <= 1
+    assert np.abs(uploaded - _uint8(edit_ours)).max() <= 1
+    assert np.abs(referenced - _uint8(edit_ours)).max() <= 1
 
 
 def test_server_t2i_generation(servers, t2i_engine: Engine) -> None:
@@ -465,3 +515,6 @@ def test_server_bad_inputs(servers) -> None:
                      param="true_cfg_scale")
         assert_error(http.post("/v1/images/edits", data={"prompt": "x", "num_inference_steps": "1"},
                                files={"image": png}), 400, param="num_inference_steps")
+        two = [("image[]", png), ("image[]", png)]  # Qwen-Image-Edit takes one image (Edit-Plus: up to 3)
+        err = assert_error(http.post("/v1/images/edits", data={"prompt": "x"}, files=two), 400, param="image")
+        assert "one input image" in err["message"]

@@ -11,7 +11,10 @@ Editing feeds the input image twice: resized to about 1024x1024 pixels at its as
 the prompt (the template's image placeholder, read by Qwen2.5-VL's vision tower; 64 template tokens
 dropped) and, VAE-encoded and normalised, packed into tokens appended after the noise tokens. The output
 size defaults to that same size; the transformer's prediction for the appended tokens is dropped
-(`QwenImageTransformer.finish`).
+(`QwenImageTransformer.finish`). Edit-Plus (Qwen-Image-Edit-2509) takes several input images: each is
+announced in the prompt as "Picture i:" with its own placeholder and seen by the vision tower at about
+384x384 pixels, and each is appended as VAE tokens at about 1024x1024 (its own RoPE frame index); the
+output size follows the last image.
 
 Request fields: `guidance_scale` is the reference's `true_cfg_scale` (default 4.0); as in the reference,
 guidance runs only when the request has a negative prompt (" " is enough) and the scale is above 1.
@@ -57,10 +60,34 @@ EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input ima
                  "with the original input where appropriate.<|im_end|>\n<|im_start|>user\n"
                  "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
 EDIT_DROP = 64  # tokens of EDIT_TEMPLATE before the image placeholder
+EDIT_PLUS_TEMPLATE = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "")
+EDIT_PLUS_IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # before the prompt, per image
 TOKENIZER_MAX_LENGTH = 1024  # prompt tokens kept after the template's prefix (T2I truncation)
 DEFAULT_SAMPLE_SIZE = 128  # latent pixels: 1024 px at the VAE factor 8
 EDIT_AREA = 1024 * 1024  # pixels of the reference image (and of the default output) when editing
+EDIT_PLUS_CONDITION_AREA = 384 * 384  # pixels of each input image the vision tower sees (Edit-Plus)
+EDIT_PLUS_MAX_IMAGES = 3  # the input images per request Qwen-Image-Edit-2509's model card supports
 TRUE_CFG_SCALE = 4.0
+
+
+@dataclass(frozen=True)
+class QwenVariant:
+    """What tells the three pipelines apart. `max_images` 0: text-to-image; `image_prompt`: the text put
+    before the prompt for each input image (its vision placeholder); `condition_area`: the pixels of each
+    input image the vision tower sees (None: the reference size, EDIT_AREA)."""
+
+    pipeline: str
+    template: str
+    drop: int
+    max_images: int = 0
+    image_prompt: str | None = None
+    condition_area: int | None = None
+
+
+T2I = QwenVariant("QwenImagePipeline", T2I_TEMPLATE, T2I_DROP)
+EDIT = QwenVariant("QwenImageEditPipeline", EDIT_TEMPLATE, EDIT_DROP, max_images=1)
+EDIT_PLUS = QwenVariant("QwenImageEditPlusPipeline", EDIT_PLUS_TEMPLATE, EDIT_DROP, EDIT_PLUS_MAX_IMAGES,
+                        EDIT_PLUS_IMAGE_PROMPT, EDIT_PLUS_CONDITION_AREA)
 
 
 @dataclass
@@ -109,23 +136,30 @@ def qwen_prompt_embeds(encoder: torch.nn.Module, inputs: dict[str, torch.Tensor]
     return embeds, mask
 
 
-def reference_size(image: object) -> tuple[int, int]:
-    """(width, height) the reference image is resized to when editing: the input's aspect ratio at about
-    EDIT_AREA pixels, in multiples of 32 (the reference's rule)."""
+def reference_size(image: object, area: int = EDIT_AREA) -> tuple[int, int]:
+    """(width, height) an input image is resized to when editing: its aspect ratio at about `area` pixels,
+    in multiples of 32 (the reference's rule)."""
     w, h = image.size  # type: ignore[attr-defined]
-    return size_for_aspect(EDIT_AREA, w / h, 32)
+    return size_for_aspect(area, w / h, 32)
 
 
-def reference_images(requests: list[GenerationRequest], vae_scale_factor: int) -> list[object]:
-    """Each request's input image resized to its `reference_size` (PIL, as the reference resizes it)."""
+def condition_images(requests: list[GenerationRequest], variant: QwenVariant, vae_scale_factor: int) -> list:
+    """The input images the vision tower sees, request by request (PIL, resized as the reference does)."""
     from diffusers.image_processor import VaeImageProcessor
 
     pre = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
     out = []
-    for r in requests:
-        width, height = reference_size(r.image)
-        out.append(pre.resize(r.image, height, width))
+    for image in (im for r in requests for im in r.images):
+        width, height = reference_size(image, variant.condition_area or EDIT_AREA)
+        out.append(pre.resize(image, height, width))
     return out
+
+
+def image_sizes(request: GenerationRequest, variant: QwenVariant) -> tuple[tuple[int, int], ...]:
+    """The (width, height) of each input image as the VAE and the vision tower get it: what the requests of
+    one batch must share."""
+    area = variant.condition_area or EDIT_AREA
+    return tuple(s for im in request.images for s in (reference_size(im), reference_size(im, area)))
 
 
 class QwenTextEncodingStage(PipelineStage):
@@ -134,21 +168,24 @@ class QwenTextEncodingStage(PipelineStage):
 
     name = "text_encoding"
 
-    def __init__(self, c: QwenImageComponents, edit: bool) -> None:
-        self.c, self.edit = c, edit
+    def __init__(self, c: QwenImageComponents, variant: QwenVariant) -> None:
+        self.c, self.variant = c, variant
 
     def _encode(self, state: PipelineState, prompts: list[str], images: list[object] | None) -> Cond:
-        c, counts = self.c, [r.num_outputs for r in state.requests]
+        c, v, counts = self.c, self.variant, [r.num_outputs for r in state.requests]
         if images is None:
-            inputs = c.tokenizer([T2I_TEMPLATE.format(p) for p in prompts], max_length=TOKENIZER_MAX_LENGTH + T2I_DROP,
+            inputs = c.tokenizer([v.template.format(p) for p in prompts], max_length=TOKENIZER_MAX_LENGTH + v.drop,
                                  padding=True, truncation=True, return_tensors="pt")
-            embeds, mask = qwen_prompt_embeds(c.text_encoder, inputs, T2I_DROP, state.device)
+            embeds, mask = qwen_prompt_embeds(c.text_encoder, inputs, v.drop, state.device)
             n = state.request.max_sequence_length
             embeds, mask = embeds[:, :n], mask[:, :n]
         else:
-            inputs = c.processor(text=[EDIT_TEMPLATE.format(p) for p in prompts], images=images, padding=True,
+            if v.image_prompt is not None:  # "Picture 1: <image> Picture 2: <image> ..." before each prompt
+                prompts = ["".join(v.image_prompt.format(i + 1) for i in range(len(r.images))) + p
+                           for r, p in zip(state.requests, prompts, strict=True)]
+            inputs = c.processor(text=[v.template.format(p) for p in prompts], images=images, padding=True,
                                  return_tensors="pt")
-            embeds, mask = qwen_prompt_embeds(c.text_encoder, inputs, EDIT_DROP, state.device)
+            embeds, mask = qwen_prompt_embeds(c.text_encoder, inputs, v.drop, state.device)
         dt = c.transformer.img_in.weight.dtype
         cond = {"text": repeat_per_output(embeds.to(dt), counts)}  # (B, T, D)
         if not bool(mask.all()):  # the one host sync: a mask only where a batch mixes prompt lengths
@@ -156,7 +193,8 @@ class QwenTextEncodingStage(PipelineStage):
         return cond
 
     def run(self, state: PipelineState) -> None:
-        images = reference_images(state.requests, self.c.vae_scale_factor) if self.edit else None
+        edit = self.variant.max_images > 0
+        images = condition_images(state.requests, self.variant, self.c.vae_scale_factor) if edit else None
         state.cond = self._encode(state, [r.prompt for r in state.requests], images)
         r = state.request
         if r.negative_prompt is not None and r.guidance_scale > 1.0:
@@ -168,9 +206,10 @@ class QwenTextEncodingStage(PipelineStage):
 
 
 class QwenEditImageStage(PipelineStage):
-    """Editing: each input image at its reference size, VAE-encoded (distribution mode), normalised with
-    the per-channel latent statistics and packed -> image_cond "ref_latents" (B, N_ref, 4z) and "ref_grid"
-    (2,) its token rows and columns (a CPU tensor)."""
+    """Editing: every input image at its reference size, VAE-encoded (distribution mode), normalised with
+    the per-channel latent statistics and packed; a request's images one after the other -> image_cond
+    "ref_latents" (B, N_ref, 4z) and "ref_grid" (K, 2) the token rows and columns of each of the K images
+    (a CPU tensor)."""
 
     name = "image_encoding"
 
@@ -182,16 +221,20 @@ class QwenEditImageStage(PipelineStage):
         from diffusers.image_processor import VaeImageProcessor
 
         c, f = self.c, self.c.vae_scale_factor
-        images = reference_images(state.requests, f)
-        width, height = reference_size(state.request.image)
-        pixels = VaeImageProcessor(vae_scale_factor=f * 2).preprocess(images, height, width)  # (R, 3, H, W)
-        pixels = pixels.unsqueeze(2).to(state.device, state.dtype)  # (R, 3, 1, H, W)
-        z = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist.mode()  # (R, z, 1, H/f, W/f)
-        mean, std = c.latent_stats(z.device, z.dtype)
-        z = ((z - mean) / std)[:, :, 0]
+        pre = VaeImageProcessor(vae_scale_factor=f * 2)
+        tokens, grid = [], []
+        for k, image in enumerate(state.request.images):  # the k-th image of every request: the same size
+            width, height = reference_size(image)
+            resized = [pre.resize(r.images[k], height, width) for r in state.requests]
+            pixels = pre.preprocess(resized, height, width).unsqueeze(2)  # (R, 3, 1, H, W)
+            z = c.vae.encode(pixels.to(state.device, state.dtype).to(c.vae.dtype)).latent_dist.mode()
+            mean, std = c.latent_stats(z.device, z.dtype)
+            z = ((z - mean) / std)[:, :, 0]  # (R, z, H/f, W/f)
+            tokens.append(pack_latents(z).to(state.dtype))
+            grid.append([z.shape[2] // 2, z.shape[3] // 2])
         counts = [r.num_outputs for r in state.requests]
-        state.image_cond["ref_latents"] = repeat_per_output(pack_latents(z).to(state.dtype), counts)
-        state.image_cond["ref_grid"] = torch.tensor([z.shape[2] // 2, z.shape[3] // 2])
+        state.image_cond["ref_latents"] = repeat_per_output(torch.cat(tokens, dim=1), counts)
+        state.image_cond["ref_grid"] = torch.tensor(grid)
 
 
 class QwenLatentStage(PipelineStage):
@@ -224,12 +267,11 @@ class QwenTimestepStage(PipelineStage):
 
 
 def image_shapes(state: PipelineState, vae_scale_factor: int) -> list[ImageShape]:
-    """The token grids the transformer's RoPE needs: the output image, then the reference image (editing)."""
+    """The token grids the transformer's RoPE needs: the output image, then each reference image (editing)."""
     f = 2 * vae_scale_factor
     shapes: list[ImageShape] = [(1, state.request.height // f, state.request.width // f)]
     if "ref_grid" in state.image_cond:
-        rows, cols = state.image_cond["ref_grid"].tolist()
-        shapes.append((1, rows, cols))
+        shapes += [(1, rows, cols) for rows, cols in state.image_cond["ref_grid"].tolist()]
     return shapes
 
 
@@ -275,35 +317,45 @@ class QwenDecodingStage(PipelineStage):
 
 
 class QwenInputStage(InputValidationStage):
-    """Validation (the edit model's default size comes from the input image, `size_from_image_area`) plus
+    """Validation (the edit models' default size comes from the input image, `size_from_image_area`) plus
     two rules of Qwen's: a schedule stretched to `shift_terminal` needs 2 steps or more (with one, the
-    reference's sigmas are NaN), and the edit requests of one batch share the reference image size."""
+    reference's sigmas are NaN), and the edit requests of one batch share their images' sizes."""
 
-    def __init__(self, defaults: ModelDefaults, edit: bool, scheduler: FlowMatchConfig) -> None:
+    def __init__(self, defaults: ModelDefaults, variant: QwenVariant, scheduler: FlowMatchConfig) -> None:
         super().__init__(defaults)
-        self.edit, self.scheduler = edit, scheduler
+        self.variant, self.scheduler = variant, scheduler
 
     def run(self, state: PipelineState) -> None:
         super().run(state)
         if self.scheduler.shift_terminal and state.request.num_inference_steps < 2:  # type: ignore[operator]
             raise InvalidRequestError("num_inference_steps=1 is not accepted: this model's schedule (stretched to "
                                       "shift_terminal) needs at least 2 steps", param="num_inference_steps")
-        if self.edit and len({reference_size(r.image) for r in state.requests}) > 1:
-            raise InvalidRequestError("edit requests batched together must have input images of the same aspect "
-                                      "ratio (they are resized to the same reference size)", param="image")
+        if len({image_sizes(r, self.variant) for r in state.requests}) > 1:
+            raise InvalidRequestError("edit requests batched together must have as many input images, of the same "
+                                      "aspect ratios (they are resized to the same sizes)", param="image")
 
 
-def qwen_defaults(c: QwenImageComponents, edit: bool, overrides: dict | None = None) -> ModelDefaults:
+def qwen_defaults(vae_scale_factor: int, variant: QwenVariant, overrides: dict | None = None) -> ModelDefaults:
     """Reference defaults: 50 steps, true CFG 4.0 (with a negative prompt), 512 text tokens; 1024x1024
-    for text-to-image; editing: the input image's aspect ratio at about 1024x1024 pixels."""
-    f = c.vae_scale_factor
+    for text-to-image; editing: the (last) input image's aspect ratio at about 1024x1024 pixels."""
+    f, edit = vae_scale_factor, variant.max_images > 0
     base = ModelDefaults(
         kind="image", height=DEFAULT_SAMPLE_SIZE * f, width=DEFAULT_SAMPLE_SIZE * f, num_inference_steps=50,
         guidance_scale=TRUE_CFG_SCALE, size_multiple=2 * f, min_size=2 * f, max_size=max(4096, 4 * f),
         max_sequence_length=512, needs_image=edit, accepts_image=edit, uses_negative_prompt=True,
-        size_from_image_area=EDIT_AREA if edit else None, guidance="true_cfg",
+        size_from_image_area=EDIT_AREA if edit else None, guidance="true_cfg", max_images=max(variant.max_images, 1),
     )
     return replace_defaults(base, overrides or {})
+
+
+def qwen_input_stage(index: ModelIndex, variant: QwenVariant) -> QwenInputStage:
+    """The pipeline's validation stage from the config files alone (it runs before any weight is read): the
+    VAE's downsampling factor (2 ** temporal stages, as the loaded VAE gives it), the scheduler config and
+    the repo's diffserve_defaults.json."""
+    vae = read_json(index.folder("vae") / "config.json")
+    factor = 2 ** len(vae.get("temperal_downsample", (False, True, True)))  # AutoencoderKLQwenImage's default
+    scheduler = FlowMatchConfig.from_dict(read_json(index.folder("scheduler") / "scheduler_config.json"))
+    return QwenInputStage(qwen_defaults(factor, variant, repo_defaults(index.root)), variant, scheduler)
 
 
 @functools.cache
@@ -346,20 +398,26 @@ def load_qwen_components(index: ModelIndex, cfg: EngineConfig, attention: Attent
     )
 
 
-def _build(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, edit: bool) -> ComposedPipeline:
+def _build(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, variant: QwenVariant) -> ComposedPipeline:
+    edit = variant.max_images > 0
+    validation = qwen_input_stage(index, variant)  # from the config files: a bad repo fails before the weights load
     c = load_qwen_components(index, cfg, attention, edit)
-    defaults = qwen_defaults(c, edit, repo_defaults(index.root))
-    stages: list[PipelineStage] = [QwenInputStage(defaults, edit, c.scheduler), QwenTextEncodingStage(c, edit)]
+    stages: list[PipelineStage] = [validation, QwenTextEncodingStage(c, variant)]
     if edit:
         stages.append(QwenEditImageStage(c))
     stages += [QwenLatentStage(c), QwenTimestepStage(c), DenoisingStage(QwenImagePredictor(c), NormRescaledCfg()),
                QwenDecodingStage(c)]
-    return ComposedPipeline("QwenImageEditPipeline" if edit else "QwenImagePipeline", stages, defaults, components=c)
+    return ComposedPipeline(variant.pipeline, stages, validation.defaults, components=c)
 
 
 def build_qwen_image_pipeline(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> ComposedPipeline:
-    return _build(index, cfg, attention, edit=False)
+    return _build(index, cfg, attention, T2I)
 
 
 def build_qwen_image_edit_pipeline(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> ComposedPipeline:
-    return _build(index, cfg, attention, edit=True)
+    return _build(index, cfg, attention, EDIT)
+
+
+def build_qwen_image_edit_plus_pipeline(index: ModelIndex, cfg: EngineConfig,
+                                        attention: AttentionOp) -> ComposedPipeline:
+    return _build(index, cfg, attention, EDIT_PLUS)

@@ -11,7 +11,11 @@ from diffserve.models.loader import ModelIndex
 from diffserve.pipelines.base import ComposedPipeline
 from diffserve.pipelines.flux import build_flux_pipeline
 from diffserve.pipelines.hunyuan_video import build_hunyuan_video_pipeline
-from diffserve.pipelines.qwen_image import build_qwen_image_edit_pipeline, build_qwen_image_pipeline
+from diffserve.pipelines.qwen_image import (
+    build_qwen_image_edit_pipeline,
+    build_qwen_image_edit_plus_pipeline,
+    build_qwen_image_pipeline,
+)
 from diffserve.pipelines.wan import build_wan_i2v_pipeline, build_wan_t2v_pipeline
 
 Builder = Callable[[ModelIndex, EngineConfig, AttentionOp], ComposedPipeline]
@@ -24,6 +28,7 @@ PIPELINES: dict[str, Builder] = {
     "HunyuanVideoPipeline": build_hunyuan_video_pipeline,
     "QwenImagePipeline": build_qwen_image_pipeline,
     "QwenImageEditPipeline": build_qwen_image_edit_pipeline,
+    "QwenImageEditPlusPipeline": build_qwen_image_edit_plus_pipeline,  # Qwen-Image-Edit-2509: several images
 }
 
 

@@ -34,6 +34,7 @@ from diffserve.server.protocol import (
     APIError,
     ImageEditBody,
     ImageGenerationBody,
+    ImageReference,
     from_user_error,
     parse_size,
     resolve,
@@ -127,24 +128,33 @@ async def create_image(body: ImageGenerationBody, request: Request) -> dict[str,
 
 
 async def _edit_input(rt: Runtime, body: ImageEditBody, files: dict[str, list[bytes]]) -> Any:
-    """The one input image of an edit, uploaded (``image``) or referenced (``images[0].image_url``: a data
-    URL, or an http(s) URL the server fetches only with --allow-url-inputs), as a PIL image."""
+    """The input image(s) of an edit, uploaded (``image``, ``image[]``) or referenced (``images[i].image_url``:
+    a data URL, or an http(s) URL the server fetches only with --allow-url-inputs): a PIL image, or a list of
+    them for models that take several."""
     if "mask" in files:
         raise APIError(400, "masks are not supported by this server", param="mask")
     unknown = set(files) - {"image"}
     if unknown:
         raise APIError(400, f"Unrecognized file field supplied: {min(unknown)}", param=min(unknown))
-    uploads, refs = files.get("image", []), body.images or []
+    uploads, refs, most = files.get("image", []), body.images or [], rt.defaults().max_images
     if not uploads and not refs:
-        raise APIError(400, "Missing required parameter: 'image' (one image file, or images: [{image_url}]).",
+        raise APIError(400, "Missing required parameter: 'image' (an image file, or images: [{image_url}]).",
                        param="image")
-    if len(uploads) + len(refs) > 1:
-        raise APIError(400, f"this model takes one input image; got {len(uploads) + len(refs)}", param="image")
+    if uploads and refs:
+        raise APIError(400, "give the input images either as uploads or in images, not both", param="images")
+    if len(uploads) + len(refs) > most:
+        raise APIError(400, f"this model takes {'one input image' if most == 1 else f'at most {most} input images'}; "
+                            f"got {len(uploads) + len(refs)}", param="image")
     if uploads:
-        return await image_from_upload(uploads[0], param="image")
-    ref = refs[0]
+        images = [await image_from_upload(u, param="image") for u in uploads]
+    else:
+        images = [await _referenced_image(rt, ref) for ref in refs]
+    return images[0] if len(images) == 1 else images
+
+
+async def _referenced_image(rt: Runtime, ref: ImageReference) -> Any:
     if ref.image_url is None:
-        raise APIError(400, "images[0].file_id is not supported here; upload the image or give image_url",
+        raise APIError(400, "images[].file_id is not supported here; upload the image or give image_url",
                        param="images")
     check_url_allowed(ref.image_url, allow_urls=rt.config.allow_url_inputs, param="images")
     return await image_from_url(ref.image_url, allow_urls=rt.config.allow_url_inputs,

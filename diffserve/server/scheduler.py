@@ -44,7 +44,7 @@ class WorkItem:
 
     @property
     def key(self) -> tuple:
-        return batch_key(self.request) + (self.request.image is not None,)
+        return batch_key(self.request) + (len(self.request.images),)
 
     def task_item(self) -> TaskItem:
         return TaskItem(self.id, self.request, self.output)

@@ -50,7 +50,9 @@ Fixtures (``scale="tiny"``; widths are chosen so the engine's shape plumbing is 
   patch / merge / window sizes) with the tiny Qwen2 BPE tokenizer (its tokens for the real templates'
   system turns are exactly the 34 / 64 the pipelines drop), the real scheduler config (dynamic shift,
   shift_terminal 0.02). The edit repo adds ``processor/`` (that tokenizer and the real Qwen2-VL image
-  processor config capped at 112x112 pixels).
+  processor config capped at 112x112 pixels). ``qwen-image-edit-plus`` (Qwen-Image-Edit-2509, several input
+  images) is the edit repo under ``QwenImageEditPlusPipeline``: the same component layout is assumed (its
+  own configs are not in ``model_configs/``).
 * ``wan-t2v-14b``: ``scale="full"`` only (Wan2.1-T2V-14B-Diffusers).
 
 What the FastWan2.1-T2V-1.3B-Diffusers repo looks like (researched from public sources, not from the
@@ -110,7 +112,7 @@ FIXTURE_VERSION = "1"
 output changes for another reason (e.g. a behaviour change in a dependency that keeps its version)."""
 
 FIXTURES: tuple[str, ...] = ("flux-dev", "flux-schnell", "wan-t2v", "wan-i2v", "fastwan-t2v", "hunyuan-video",
-                             "qwen-image", "qwen-image-edit")
+                             "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 """Fixtures that exist at ``scale="tiny"`` (and ``"full"``)."""
 FULL_ONLY: tuple[str, ...] = ("wan-t2v-14b",)
 """Repos that can only be built at ``scale="full"``."""
@@ -160,6 +162,10 @@ SPECS: dict[str, RepoSpec] = {
     "hunyuan-video": RepoSpec("hunyuan-video", "hunyuan", "HunyuanVideo", "hunyuanvideo-community/HunyuanVideo"),
     "qwen-image": RepoSpec("qwen-image", "qwen", "Qwen-Image", "Qwen/Qwen-Image"),
     "qwen-image-edit": RepoSpec("qwen-image-edit", "qwen", "Qwen-Image-Edit", "Qwen/Qwen-Image-Edit"),
+    # Qwen-Image-Edit-2509: the Qwen-Image-Edit layout and configs under QwenImageEditPlusPipeline (assumed: its
+    # configs are not in model_configs/)
+    "qwen-image-edit-plus": RepoSpec("qwen-image-edit-plus", "qwen", "Qwen-Image-Edit", "Qwen/Qwen-Image-Edit-2509",
+                                     pipeline_class="QwenImageEditPlusPipeline"),
 }
 
 # Size overrides applied to the real configs at scale="tiny". Every other field keeps its real value.
