@@ -166,6 +166,22 @@ def test_transformer_bf16_matches_diffusers(t2i_repo: Path) -> None:
     assert err < 1e-2
 
 
+def test_kernel_fusions_reach_the_model(t2i_repo: Path, transformer_pair) -> None:
+    """The engine's layer rewrites apply (q/k/v of each stream as one GEMM, GELU in the MLP GEMM's epilogue)
+    and leave the output unchanged."""
+    from diffserve.engine.optimize import fuse_epilogues, fuse_projections
+
+    _, ours = transformer_pair
+    folder = t2i_repo / "transformer"
+    fused = load_dit(lambda: QwenImageTransformer(ours.cfg), folder, torch.float32, CPU)
+    assert fuse_projections(fused) == 2 * ours.cfg.num_layers and fuse_epilogues(fused) == 2 * ours.cfg.num_layers
+    g = torch.Generator().manual_seed(4)
+    x, ctx = torch.randn(2, 15, 64, generator=g), torch.randn(2, 6, 16, generator=g)
+    mask, t = torch.tensor([[True] * 6, [True] * 3 + [False] * 3]), torch.tensor([0.5, 0.2])
+    with torch.no_grad():
+        assert rel_err(fused(x, ctx, mask, t, [(1, 3, 5)]), ours(x, ctx, mask, t, [(1, 3, 5)])) < 1e-6
+
+
 def test_rope_tables_equal_diffusers(transformer_pair) -> None:
     """Our cos/sin tables are the reference's complex frequencies, bit for bit (target + reference image)."""
     ref, ours = transformer_pair
