@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from diffserve.errors import InvalidRequestError
+from diffserve.errors import InvalidRequestError, UserError
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -41,6 +41,26 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """`name` as a torch device this process can use; a one-line UserError for a malformed name or a device
+    that is not there (`cuda` on a machine or torch build without CUDA, `cuda:3` with two GPUs)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {name!r} is not a device name; e.g. cuda, cuda:1, cpu", param="device") from None
+    if dev.type == "cpu" or dev.type == "meta":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    if backend is None or not backend.is_available():
+        why = "this torch build has no CUDA" if dev.type == "cuda" and torch.version.cuda is None else "none is present"
+        raise UserError(f"device {str(dev)!r} is not available ({why}); use --device cpu", param="device")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise UserError(f"device {str(dev)!r} is not available: this machine has {count} {dev.type} device(s)",
+                        param="device")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,10 @@ class ModelDefaults:
     # Image-conditioned models whose output size follows the input image (Qwen-Image-Edit): a size the request
     # leaves out keeps the input image's aspect ratio at about this many pixels (`size_for_aspect`).
     size_from_image_area: int | None = None
+    # How that size is rounded: "nearest32" (each side to the nearest multiple of 32, then down to
+    # `size_multiple`: the Qwen edit pipelines) or "floor" (each side rounded to a whole pixel, then down to
+    # `size_multiple`: Wan's image-to-video examples).
+    size_from_image_rounding: Literal["nearest32", "floor"] = "nearest32"
     max_images: int = 1  # input images a request may give (a list when more than one; Qwen-Image-Edit-2509)
     # What guidance_scale means, shown by GET /v1/models: "cfg" (classifier-free guidance against the negative
     # prompt), "true_cfg" (Qwen-Image's norm-rescaled CFG, run only when a negative prompt is given),
@@ -136,13 +160,22 @@ def size_for_aspect(area: int, aspect: float, multiple: int) -> tuple[int, int]:
     return width // multiple * multiple, height // multiple * multiple
 
 
+def size_for_aspect_floor(area: int, aspect: float, multiple: int) -> tuple[int, int]:
+    """(width, height) of about `area` pixels with width/height = `aspect`, each rounded to a whole pixel and
+    then down to a multiple of `multiple` (at least one multiple); Wan's image-to-video output size."""
+    width = round(math.sqrt(area * aspect)) // multiple * multiple
+    height = round(math.sqrt(area / aspect)) // multiple * multiple
+    return max(width, multiple), max(height, multiple)
+
+
 def _size_from_image(req: GenerationRequest, defaults: ModelDefaults) -> GenerationRequest:
     """Fill the size the request leaves out from its (last) input image's aspect ratio (models with
     `size_from_image_area`); other requests unchanged."""
     if defaults.size_from_image_area is None or not req.images or None not in (req.height, req.width):
         return req
     w, h = req.images[-1].size
-    width, height = size_for_aspect(defaults.size_from_image_area, w / h, defaults.size_multiple)
+    rule = size_for_aspect_floor if defaults.size_from_image_rounding == "floor" else size_for_aspect
+    width, height = rule(defaults.size_from_image_area, w / h, defaults.size_multiple)
     return req.replace(height=req.height if req.height is not None else height,
                        width=req.width if req.width is not None else width)
 
@@ -197,9 +230,10 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
     if not 1 <= n <= MAX_OUTPUTS:
         raise InvalidRequestError(f"num_outputs={n} is not accepted: it must be between 1 and {MAX_OUTPUTS}",
                                   param="num_outputs")
-    seed_v = _check_int("seed", req.seed if req.seed is not None else seed)
+    seed_v = _check_int("seed", req.seed if req.seed not in (None, -1) else seed)  # -1: random, as left out
     if not 0 <= seed_v < 2**63:
-        raise InvalidRequestError(f"seed={seed_v} is not accepted: it must be between 0 and 2**63-1", param="seed")
+        raise InvalidRequestError(f"seed={seed_v} is not accepted: it must be between 0 and 2**63-1 "
+                                  "(or -1: a random seed)", param="seed")
     msl = _check_int("max_sequence_length", req.max_sequence_length or defaults.max_sequence_length)
     if not 1 <= msl <= defaults.max_sequence_length:
         raise InvalidRequestError(

@@ -167,20 +167,6 @@ class FluxDecodingStage(PipelineStage):
         state.pixels = (image / 2 + 0.5).clamp(0, 1).float()  # (B, 3, H, W)
 
 
-def flux_defaults(c: FluxComponents, overrides: dict | None = None) -> ModelDefaults:
-    """Reference defaults: dev 1024^2, 28 steps, guidance 3.5, 512 T5 tokens; schnell (no guidance
-    embedding: timestep-distilled) 4 steps, 256 tokens. `overrides` (a repo's diffserve_defaults.json)
-    may set height, width, num_inference_steps, guidance_scale, max_sequence_length."""
-    f = c.vae_scale_factor
-    dev = c.transformer.cfg.guidance_embeds
-    base = ModelDefaults(
-        kind="image", height=DEFAULT_SAMPLE_SIZE * f, width=DEFAULT_SAMPLE_SIZE * f,
-        num_inference_steps=28 if dev else 4, guidance_scale=3.5 if dev else 0.0,
-        size_multiple=2 * f, min_size=2 * f, max_size=max(4096, 4 * f), max_sequence_length=512 if dev else 256,
-    )
-    return replace_defaults(base, overrides or {})
-
-
 def load_flux_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> FluxComponents:
     dt, dev = cfg.dtype, cfg.device
     folder = index.folder("transformer")
@@ -206,11 +192,40 @@ class FluxInputStage(InputValidationStage):
                                       "model); leave negative_prompt out", param="negative_prompt")
 
 
+def flux_defaults(vae_scale_factor: int, guidance_embeds: bool, overrides: dict | None = None) -> ModelDefaults:
+    """Reference defaults: dev 1024^2, 28 steps, guidance 3.5, 512 T5 tokens; schnell (no guidance
+    embedding: timestep-distilled) 4 steps, 256 tokens. `overrides` (a repo's diffserve_defaults.json)
+    may set height, width, num_inference_steps, guidance_scale, max_sequence_length."""
+    f = vae_scale_factor
+    base = ModelDefaults(
+        kind="image", height=DEFAULT_SAMPLE_SIZE * f, width=DEFAULT_SAMPLE_SIZE * f,
+        num_inference_steps=28 if guidance_embeds else 4, guidance_scale=3.5 if guidance_embeds else 0.0,
+        size_multiple=2 * f, min_size=2 * f, max_size=max(4096, 4 * f),
+        max_sequence_length=512 if guidance_embeds else 256, guidance="embedded" if guidance_embeds else "none",
+    )
+    return replace_defaults(base, overrides or {})
+
+
+def flux_defaults_from_configs(index: ModelIndex) -> ModelDefaults:
+    """`flux_defaults` from the repo's config files alone, no weight read: the VAE's downsampling factor
+    (2 ** (blocks - 1), as the loaded VAE gives it), the transformer's guidance embedding and the repo's
+    diffserve_defaults.json."""
+    vae = read_json(index.folder("vae") / "config.json")
+    tcfg = FluxConfig.from_dict(read_json(index.folder("transformer") / "config.json"))
+    factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)  # AutoencoderKL's default: one block
+    return flux_defaults(factor, tcfg.guidance_embeds, repo_defaults(index.root))
+
+
+def flux_input_stage(index: ModelIndex) -> FluxInputStage:
+    """The pipeline's validation stage from the config files alone (it runs before any weight is read)."""
+    return FluxInputStage(flux_defaults_from_configs(index))
+
+
 def build_flux_pipeline(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> ComposedPipeline:
+    validation = flux_input_stage(index)  # from the config files: a bad repo fails before the weights load
     c = load_flux_components(index, cfg, attention)
-    defaults = flux_defaults(c, repo_defaults(index.root))
     stages: list[PipelineStage] = [
-        FluxInputStage(defaults), FluxTextEncodingStage(c), FluxLatentStage(c), FluxTimestepStage(c),
+        validation, FluxTextEncodingStage(c), FluxLatentStage(c), FluxTimestepStage(c),
         DenoisingStage(FluxPredictor(c), flux_guidance(c)), FluxDecodingStage(c),
     ]
-    return ComposedPipeline("FluxPipeline", stages, defaults, components=c)
+    return ComposedPipeline("FluxPipeline", stages, validation.defaults, components=c)

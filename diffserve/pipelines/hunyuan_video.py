@@ -226,13 +226,22 @@ class HunyuanDecodingStage(PipelineStage):
 # Building
 
 
-def hunyuan_video_defaults(c: HunyuanVideoComponents) -> ModelDefaults:
+def hunyuan_video_defaults(scale_spatial: int, patch_size: int) -> ModelDefaults:
     """Reference defaults: 720x1280, 129 frames, 50 steps, embedded guidance 6.0, 24 fps, 256 text tokens."""
     return ModelDefaults(
         kind="video", height=720, width=1280, num_frames=129, fps=24, num_inference_steps=50, guidance_scale=6.0,
-        size_multiple=c.scale_spatial * c.transformer.cfg.patch_size, min_size=c.scale_spatial * 2, max_size=2048,
+        size_multiple=scale_spatial * patch_size, min_size=scale_spatial * 2, max_size=2048,
         max_sequence_length=TEXT_TOKENS, min_frames=1, max_frames=257, guidance="embedded",
     )
+
+
+def hunyuan_video_defaults_from_configs(index: ModelIndex) -> ModelDefaults:
+    """`hunyuan_video_defaults` from the repo's config files alone, no weight read: the VAE's spatial
+    compression, the transformer's patch size and the repo's diffserve_defaults.json."""
+    vae = read_json(index.folder("vae") / "config.json")
+    tcfg = HunyuanVideoConfig.from_dict(read_json(index.folder("transformer") / "config.json"))
+    base = hunyuan_video_defaults(int(vae.get("spatial_compression_ratio", 8)), tcfg.patch_size)
+    return replace_defaults(base, repo_defaults(index.root))
 
 
 class HunyuanInputStage(InputValidationStage):
@@ -243,6 +252,11 @@ class HunyuanInputStage(InputValidationStage):
         if any(r.negative_prompt for r in state.requests):
             raise InvalidRequestError("HunyuanVideo does not use a negative prompt (its guidance scale is embedded "
                                       "in the model); leave negative_prompt out", param="negative_prompt")
+
+
+def hunyuan_video_input_stage(index: ModelIndex) -> HunyuanInputStage:
+    """The pipeline's validation stage from the config files alone (it runs before any weight is read)."""
+    return HunyuanInputStage(hunyuan_video_defaults_from_configs(index))
 
 
 def load_hunyuan_video_components(index: ModelIndex, cfg: EngineConfig,
@@ -263,10 +277,10 @@ def load_hunyuan_video_components(index: ModelIndex, cfg: EngineConfig,
 
 
 def build_hunyuan_video_pipeline(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> ComposedPipeline:
+    validation = hunyuan_video_input_stage(index)  # from the config files: a bad repo fails before the weights load
     c = load_hunyuan_video_components(index, cfg, attention)
-    defaults = replace_defaults(hunyuan_video_defaults(c), repo_defaults(index.root))
     stages: list[PipelineStage] = [
-        HunyuanInputStage(defaults), HunyuanTextEncodingStage(c), HunyuanLatentStage(c), HunyuanTimestepStage(c),
+        validation, HunyuanTextEncodingStage(c), HunyuanLatentStage(c), HunyuanTimestepStage(c),
         DenoisingStage(HunyuanPredictor(c), EmbeddedGuidance()), HunyuanDecodingStage(c),
     ]
-    return ComposedPipeline("HunyuanVideoPipeline", stages, defaults, components=c)
+    return ComposedPipeline("HunyuanVideoPipeline", stages, validation.defaults, components=c)

@@ -232,20 +232,6 @@ class WanDecodingStage(PipelineStage):
         state.pixels = (video / 2 + 0.5).clamp(0, 1).float()  # (B, 3, F, H, W)
 
 
-def wan_defaults(c: WanComponents, i2v: bool) -> ModelDefaults:
-    """Reference defaults: 480x832, 81 frames, 16 fps, 512 text tokens; steps and guidance from the
-    schedule (50 steps, CFG 5.0 for Wan2.1; the distilled schedule's own for FastWan)."""
-    height, width, frames = c.schedule.default_size
-    return ModelDefaults(
-        kind="video", height=height, width=width, num_frames=frames, fps=16,
-        num_inference_steps=c.schedule.default_steps, guidance_scale=c.schedule.default_guidance,
-        size_multiple=c.scale_spatial * c.transformer.cfg.patch_size[1], min_size=c.scale_spatial * 2,
-        max_size=2048, max_sequence_length=512, min_frames=1, max_frames=257,
-        needs_image=i2v, accepts_image=i2v, uses_negative_prompt=True,
-        fixed_steps=c.schedule.default_steps if c.schedule.kind == "dmd" else None,
-    )
-
-
 def load_wan_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, i2v: bool) -> WanComponents:
     dt, dev = cfg.dtype, cfg.device
     folder = index.folder("transformer")
@@ -265,16 +251,51 @@ def load_wan_components(index: ModelIndex, cfg: EngineConfig, attention: Attenti
     return comps
 
 
+def wan_defaults(schedule: WanSchedule, scale_spatial: int, patch_size: tuple[int, int, int],
+                 i2v: bool) -> ModelDefaults:
+    """Reference defaults: 480x832, 81 frames, 16 fps, 512 text tokens; steps and guidance from the
+    schedule (50 steps, CFG 5.0 for Wan2.1; the distilled schedule's own for FastWan). Image-to-video: a
+    size left out follows the input image's aspect ratio at the default size's pixel count
+    (`size_from_image_area`, rounded down to the size multiple as the reference examples do)."""
+    height, width, frames = schedule.default_size
+    return ModelDefaults(
+        kind="video", height=height, width=width, num_frames=frames, fps=16,
+        num_inference_steps=schedule.default_steps, guidance_scale=schedule.default_guidance,
+        size_multiple=scale_spatial * patch_size[1], min_size=scale_spatial * 2,
+        max_size=2048, max_sequence_length=512, min_frames=1, max_frames=257,
+        needs_image=i2v, accepts_image=i2v, uses_negative_prompt=True,
+        fixed_steps=schedule.default_steps if schedule.kind == "dmd" else None, guidance="cfg",
+        size_from_image_area=height * width if i2v else None, size_from_image_rounding="floor",
+    )
+
+
+def wan_defaults_from_configs(index: ModelIndex, i2v: bool) -> ModelDefaults:
+    """`wan_defaults` from the repo's config files alone, no weight read: the schedule (scheduler config and
+    pipeline class), the VAE's spatial factor, the transformer's patch size and diffserve_defaults.json (the
+    image-to-video pixel budget follows an overridden default size)."""
+    vae = read_json(index.folder("vae") / "config.json")
+    tcfg = WanConfig.from_dict(read_json(index.folder("transformer") / "config.json"))
+    base = wan_defaults(schedule_from_checkpoint(index), int(vae.get("scale_factor_spatial", 8)), tcfg.patch_size,
+                        i2v)
+    d = replace_defaults(base, repo_defaults(index.root))
+    return replace_defaults(d, {"size_from_image_area": d.height * d.width} if i2v else {})
+
+
+def wan_input_stage(index: ModelIndex, i2v: bool) -> InputValidationStage:
+    """The pipeline's validation stage from the config files alone (it runs before any weight is read)."""
+    return InputValidationStage(wan_defaults_from_configs(index, i2v))
+
+
 def _build(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, i2v: bool) -> ComposedPipeline:
+    validation = wan_input_stage(index, i2v)  # from the config files: a bad repo fails before the weights load
     c = load_wan_components(index, cfg, attention, i2v)
-    defaults = replace_defaults(wan_defaults(c, i2v), repo_defaults(index.root))
-    stages: list[PipelineStage] = [InputValidationStage(defaults), WanTextEncodingStage(c)]
+    stages: list[PipelineStage] = [validation, WanTextEncodingStage(c)]
     if i2v:
         stages.append(WanImageEncodingStage(c))
     stages += [WanLatentStage(c), WanTimestepStage(c),
                DenoisingStage(WanPredictor(c), ClassifierFreeGuidance()), WanDecodingStage(c)]
     name = "WanImageToVideoPipeline" if i2v else "WanPipeline"
-    return ComposedPipeline(name, stages, defaults, components=c)
+    return ComposedPipeline(name, stages, validation.defaults, components=c)
 
 
 def build_wan_t2v_pipeline(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> ComposedPipeline:
