@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from diffserve.config import GenerationRequest, ModelDefaults
-from diffserve.server.messages import OutputSpec
+from diffserve.server.messages import EncodedImage, OutputSpec
 from diffserve.server.metrics import ServerMetrics
 from diffserve.server.protocol import (
     APIError,
@@ -19,7 +20,7 @@ from diffserve.server.protocol import (
     parse_size,
 )
 from diffserve.server.scheduler import Scheduler, WorkItem
-from diffserve.server.testing import metric_value
+from diffserve.server.testing import metric_value, stub_app
 
 WAN = ModelDefaults(kind="video", height=480, width=832, num_inference_steps=50, guidance_scale=5.0,
                     num_frames=81, fps=16)
@@ -129,26 +130,18 @@ def test_prometheus_page() -> None:
     assert metric_value(page, "diffserve_http_requests_total", labels) == 1
 
 
-def _stub_app(accepts_image: bool) -> tuple[object, list[GenerationRequest]]:
+def _stub_app(tmp_path: Path, accepts_image: bool) -> tuple[object, list[WorkItem]]:
     """The real app over a stub worker that takes input images and answers every request at once."""
-    from fastapi.testclient import TestClient
-
-    from diffserve.server.app import create_app
-    from diffserve.server.messages import ItemDone, Ready, WorkerConfig
-    from diffserve.server.runtime import Runtime, ServerConfig
-
-    rt = Runtime(ServerConfig(worker=WorkerConfig("stub"), model_id="stub-edit"))
     defaults = ModelDefaults(kind="image", height=64, width=64, num_inference_steps=4, guidance_scale=2.5,
                              accepts_image=accepts_image, size_multiple=8)
-    rt.supervisor.info = Ready(defaults=defaults, pipeline_class="Stub", device="cpu", dtype="float32", pid=0)
-    seen: list[GenerationRequest] = []
+    http, _, items = stub_app(tmp_path, defaults)
+    return http, items
 
-    def submit(item: WorkItem) -> None:
-        seen.append(item.request)
-        item.future.set_result(ItemDone(0, item.id, blobs=[b"img"] * item.n, seed=item.request.seed))
 
-    rt.submit = submit  # type: ignore[method-assign]
-    return TestClient(create_app(rt)), seen
+def _as_worker_sees(item: WorkItem) -> GenerationRequest:
+    """The request of a queued item with its input image decoded, as the worker gets it."""
+    req = item.request
+    return req.replace(image=req.image.decode()) if isinstance(req.image, EncodedImage) else req
 
 
 def _png_bytes(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
@@ -161,16 +154,16 @@ def _png_bytes(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def test_image_edit_through_the_sdk_reaches_the_model_with_its_image() -> None:
+def test_image_edit_through_the_sdk_reaches_the_model_with_its_image(tmp_path: Path) -> None:
     import openai
 
-    http, seen = _stub_app(accepts_image=True)
+    http, seen = _stub_app(tmp_path, accepts_image=True)
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http, max_retries=0)
     res = client.images.edit(image=("cat.png", _png_bytes((40, 24), (10, 200, 30)), "image/png"),
                              prompt="make it blue", n=2, size="32x16",
                              extra_body={"num_inference_steps": 3, "seed": 9, "negative_prompt": "blur"})
     assert res.data is not None and len(res.data) == 2 and res.seed == 9  # type: ignore[attr-defined]
-    req = seen[-1]
+    req = _as_worker_sees(seen[-1])
     assert (req.width, req.height, req.num_outputs, req.num_inference_steps) == (32, 16, 2, 3)
     assert req.negative_prompt == "blur" and req.image.size == (40, 24)  # type: ignore[union-attr]
     assert req.image.getpixel((0, 0)) == (10, 200, 30)  # type: ignore[union-attr]
@@ -185,8 +178,8 @@ def test_image_edit_through_the_sdk_reaches_the_model_with_its_image() -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
-def test_image_edit_refused_when_the_model_takes_no_image() -> None:
-    http, seen = _stub_app(accepts_image=False)
+def test_image_edit_refused_when_the_model_takes_no_image(tmp_path: Path) -> None:
+    http, seen = _stub_app(tmp_path, accepts_image=False)
     r = http.post("/v1/images/edits", data={"prompt": "x"}, files={"image": ("a.png", b"x", "image/png")})
     assert r.status_code == 400 and "does not take an input image" in r.json()["error"]["message"]
     assert seen == []

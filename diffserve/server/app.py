@@ -2,13 +2,18 @@
 
 Routes: ``POST /v1/images/generations``, ``POST /v1/images/edits``, ``POST /v1/videos``, ``GET /v1/videos``,
 ``GET|DELETE /v1/videos/{id}``, ``GET /v1/videos/{id}/content``, ``GET /v1/models[/{id}]`` (all ``/v1``
-routes need ``Authorization: Bearer KEY`` when the server has an API key), and without a key:
-``GET /health`` (200 when the worker is ready, else 503), ``GET /metrics`` (Prometheus) and
-``GET /outputs/images/{name}`` (``url`` image results).
+routes need ``Authorization: Bearer KEY`` when the server has an API key; it is checked before any of the
+body is read), and without a key: ``GET /health`` (200 when the worker is ready, else 503, with details),
+``GET /health/ready`` (readiness: 200 only while requests can be served), ``GET /health/live`` (liveness:
+200 unless the worker is dead for good), ``GET /metrics`` (Prometheus; needs the key with
+``metrics_require_key``), ``GET /outputs/images/{name}`` (``url`` image results), and with ``docs`` on
+``GET /docs`` (a self-contained HTML reference) and ``GET /openapi.json``. CORS headers are sent for the
+configured origins only (none by default).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}``: 400 bad input (FastAPI's 422 included),
 401 missing or wrong key, 404 unknown route / job / model, 409 video not ready, 413 body over the limit,
-429 queue full, 500 generation failed or worker died, 503 loading / out of memory / shutting down.
+429 queue full (with Retry-After), 500 generation failed or worker died or stalled, 503 loading / out of
+memory / shutting down, 504 a generation past its deadline.
 """
 
 from __future__ import annotations
@@ -16,25 +21,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffserve.errors import UserError
 from diffserve.server import routes_images, routes_videos
+from diffserve.server.docs_page import render_docs
 from diffserve.server.inputs import PayloadTooLarge
 from diffserve.server.protocol import APIError, error_body, from_user_error, from_validation_error
 from diffserve.server.runtime import Runtime
 
-_OUTPUT_NAME = re.compile(r"^img_[0-9a-f]{32}\.(png|jpg|webp)$")
 _MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _STATUS_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
                  413: "invalid_request_error", 429: "rate_limit_error"}
@@ -75,7 +80,7 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    """Count every request by method, route template and status, and time it."""
+    """Count every request by method, route template and status, and time it (labels from closed sets)."""
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
@@ -97,9 +102,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording)
         finally:
-            route = _route_label(scope)
-            self.metrics.requests.inc(scope["method"], route, str(status))
-            self.metrics.latency.observe(time.perf_counter() - start, scope["method"], route)
+            self.metrics.http_request(scope["method"], _route_label(scope), status, time.perf_counter() - start)
 
 
 def _route_label(scope: Scope) -> str:
@@ -111,21 +114,45 @@ def _route_label(scope: Scope) -> str:
     return "/v1" + path if scope["path"].startswith("/v1/") and not path.startswith("/v1/") else path
 
 
-def _require_key(request: Request) -> None:
-    """The /v1 API-key check (constant-time comparison)."""
-    key = request.app.state.runtime.config.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    ok = hmac.compare_digest(token.strip().encode(), key.encode())
-    if scheme.lower() != "bearer" or not ok:
-        what = "Missing bearer authentication in header" if not header else "Incorrect API key provided"
-        raise APIError(401, f"{what}. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+def key_problem(authorization: str, key: str) -> str | None:
+    """Why an Authorization header value does not carry `key` (constant-time comparison), or None."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        return None
+    return "Missing bearer authentication in header" if not authorization else "Incorrect API key provided"
+
+
+class AuthMiddleware:
+    """The API-key check on /v1 (and /metrics when asked), done on the headers alone: a request without the
+    key is answered 401 before any of its body is read."""
+
+    def __init__(self, app: ASGIApp, key: str | None, protect_metrics: bool) -> None:
+        self.app = app
+        self.key = key
+        self.protect_metrics = protect_metrics
+
+    def _protected(self, path: str) -> bool:
+        return path == "/v1" or path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.key is None or not self._protected(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        problem = key_problem(headers.get(b"authorization", b"").decode("latin-1"), self.key)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        err = APIError(401, f"{problem}. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        # The unread body must not be taken for the next request on this connection.
+        extra = {"connection": "close"} if has_body else {}
+        await JSONResponse(err.body(), status_code=401, headers={"www-authenticate": "Bearer", **extra})(
+            scope, receive, send)
 
 
 def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -147,7 +174,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if e.status_code == 404 and message == "Not Found":
             message = f"Unknown route: {request.method} {request.url.path}"
         err = APIError(e.status_code, message, type=_STATUS_TYPES.get(e.status_code, "server_error"),
-                       code=_STATUS_CODES.get(e.status_code))
+                       code=_STATUS_CODES.get(e.status_code, "invalid_request"))
         return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
@@ -162,9 +189,12 @@ def _models_router() -> APIRouter:
     def card(rt: Runtime) -> dict[str, Any]:
         d = rt.supervisor.defaults
         info = rt.supervisor.info
+        limits = {"max_batch_size": rt.config.max_batch_size, "max_upload_bytes": rt.config.max_upload_bytes,
+                  "max_request_mpx_steps": rt.max_request_cost(d) / 1e6 if d else None,
+                  "max_input_pixels": rt.max_input_pixels(d) if d else None}
         return {"id": rt.config.model_id, "object": "model", "created": rt.created, "owned_by": "diffserve",
                 "kind": d.kind if d else None, "pipeline": info.pipeline_class if info else None,
-                "defaults": dataclasses.asdict(d) if d else None}
+                "defaults": dataclasses.asdict(d) if d else None, "limits": limits}
 
     @router.get("/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -179,26 +209,52 @@ def _models_router() -> APIRouter:
     return router
 
 
-def _service_routes(app: FastAPI) -> None:
+def _health_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
+        """Worker state and queue; 200 when ready, else 503."""
         rt: Runtime = request.app.state.runtime
         worker = rt.supervisor.snapshot()
         body = {"status": worker["state"], "model": rt.config.model_id, "queue_depth": rt.scheduler.depth,
                 "worker": worker}
         return JSONResponse(body, status_code=200 if worker["state"] == "ready" else 503)
 
+    @app.get("/health/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: 200 only while the model is loaded and requests are taken (route traffic here)."""
+        rt: Runtime = request.app.state.runtime
+        state = rt.supervisor.state
+        ok = state == "ready" and not rt.scheduler.closed
+        return JSONResponse({"status": "ready" if ok else state}, status_code=200 if ok else 503)
+
+    @app.get("/health/live")
+    async def live(request: Request) -> JSONResponse:
+        """Liveness: 200 while the server can recover by itself (loading and restarting included); 503 once
+        the worker is dead for good (restart the process)."""
+        state = request.app.state.runtime.supervisor.state
+        return JSONResponse({"status": state}, status_code=503 if state == "dead" else 200)
+
+
+def _service_routes(app: FastAPI, runtime: Runtime) -> None:
+    _health_routes(app)
+
     @app.get("/metrics")
     async def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(request.app.state.runtime.metrics.render(),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        """Prometheus text page (rendered in a thread: the event loop keeps answering meanwhile)."""
+        page = await asyncio.to_thread(request.app.state.runtime.metrics.render)
+        return PlainTextResponse(page, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/outputs/images/{name}")
     async def output_image(name: str, request: Request) -> FileResponse:
-        path = request.app.state.runtime.image_dir / name
-        if not _OUTPUT_NAME.match(name) or not path.is_file():
-            raise APIError(404, f"no image named {name!r}", code="not_found")
+        path = request.app.state.runtime.outputs.path("images", name)
+        if path is None:
+            raise APIError(404, f"no image named {name!r} (unknown, or expired)", code="not_found")
         return FileResponse(path, media_type=_MEDIA_TYPES[name.rsplit(".", 1)[1]])
+
+    if runtime.config.docs:
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> HTMLResponse:
+            return HTMLResponse(render_docs(app.openapi()))
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -212,16 +268,24 @@ def create_app(runtime: Runtime) -> FastAPI:
         finally:
             await asyncio.to_thread(runtime.shutdown, runtime.config.shutdown_grace_s + 30.0)
 
+    cfg = runtime.config
     app = FastAPI(title="diffserve", version="0.1.0", lifespan=lifespan,
-                  summary="OpenAI-compatible image and video generation")
+                  summary="OpenAI-compatible image and video generation", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if cfg.docs else None)
     app.state.runtime = runtime
     _install_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_key)])
+    v1 = APIRouter(prefix="/v1")
     v1.include_router(routes_images.router)
     v1.include_router(routes_videos.router)
     v1.include_router(_models_router())
     app.include_router(v1)
-    _service_routes(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.config.max_upload_bytes)
+    _service_routes(app, runtime)
+    # Outermost last: metrics see every answer, CORS answers preflights, the key is checked before the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_upload_bytes)
+    app.add_middleware(AuthMiddleware, key=cfg.api_key, protect_metrics=cfg.metrics_require_key)
+    if cfg.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"], max_age=600)
     app.add_middleware(MetricsMiddleware, runtime=runtime)
     return app

@@ -1,7 +1,8 @@
 """`diffserve serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn, model in a worker process).
 
 Exit status: 0 after a graceful shutdown (SIGTERM / SIGINT; a second SIGINT forces it), 1 when the model
-cannot be loaded or the port cannot be bound, 2 for bad flags.
+cannot be loaded, or reloaded after its worker died (three tries in a row; an outside supervisor should then
+restart the server), or the port cannot be bound, 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -45,6 +46,22 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                      help="largest request body accepted, in MiB; larger ones get 413 (default 20)")
     net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                      help="server log level (default info)")
+    net.add_argument("--metrics-require-key", action="store_true",
+                     help="GET /metrics needs the API key too (default: open, like /health)")
+    net.add_argument("--docs", action=argparse.BooleanOptionalAction, default=True,
+                     help="serve GET /openapi.json and GET /docs (default on). /docs is a plain HTML reference "
+                          "rendered by the server: FastAPI's Swagger UI and ReDoc load their assets from a CDN, "
+                          "which fails offline, and no installed package ships them")
+    net.add_argument("--allowed-origins", default="",
+                     help="comma-separated origins allowed to call the API from a browser (CORS), e.g. "
+                          "https://app.example.com; default: none (no CORS headers)")
+    out = p.add_argument_group("outputs and jobs")
+    out.add_argument("--job-ttl", type=_duration, default=24 * 3600.0,
+                     help="how long finished video jobs, their MP4s and url images are kept, e.g. 3600, 90m, 24h, "
+                          "7d (default 24h); jobs and outputs survive restarts in --output-dir")
+    out.add_argument("--output-quota-gb", type=float, default=10.0,
+                     help="disk space for output files; beyond it the oldest are removed, their jobs with them "
+                          "(default 10)")
     q = p.add_argument_group("queue and batching")
     q.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait; more get 429 (default 256)")
@@ -54,7 +71,36 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="how long a request waits for compatible ones to batch with (default 5 ms)")
     q.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds the running batch may finish in at shutdown before it is cancelled (default 30)")
+    q.add_argument("--max-queue-mb", type=float, default=256.0,
+                   help="memory the waiting requests may hold (prompts, compressed input images); more get 429 "
+                        "(default 256)")
+    q.add_argument("--max-request-cost", type=float, default=None,
+                   help="largest request accepted, in megapixel-steps: n x width x height x frames x steps / 1e6 "
+                        "(default: 8x the model's default request; GET /v1/models shows it)")
+    w = p.add_argument_group("worker watchdog")
+    w.add_argument("--worker-heartbeat-timeout", type=float, default=30.0,
+                   help="seconds without a heartbeat after which a loaded worker is killed and restarted "
+                        "(default 30)")
+    w.add_argument("--batch-timeout-base", type=float, default=300.0,
+                   help="fixed part of every batch's deadline, in seconds; the rest is 4x its expected time "
+                        "from its size and steps at the measured speed (default 300)")
+    w.add_argument("--cancel-grace", type=float, default=30.0,
+                   help="seconds a fully cancelled batch may run on before the worker is restarted to stop it "
+                        "(default 30)")
     return p
+
+
+def _duration(text: str) -> float:
+    """A duration in seconds from "3600", "90s", "90m", "24h" or "7d"."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(value) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3600, 90m, 24h, 7d)") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return seconds
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -65,6 +111,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--port {args.port} is not a port number")
     if args.max_upload_mb <= 0 or args.batch_wait_ms < 0 or args.shutdown_grace < 0:
         raise UserError("--max-upload-mb must be positive; --batch-wait-ms and --shutdown-grace not negative")
+    positive = ("max_queue_mb", "output_quota_gb", "worker_heartbeat_timeout", "batch_timeout_base", "cancel_grace")
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_request_cost is not None and not args.max_request_cost > 0:
+        raise UserError("--max-request-cost must be positive")
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -89,20 +141,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffserve.server.app import create_app
     from diffserve.server.messages import WorkerConfig
     from diffserve.server.runtime import Runtime, ServerConfig
+    from diffserve.server.supervisor import MAX_LOAD_FAILURES
+    from diffserve.server.watchdog import WatchdogConfig
 
     args.model_path = resolve_model_arg(args.model_path, "image")
     _check_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    faults = os.environ.get(FAULT_INJECTION_ENV) == "1"
     worker = WorkerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
                           attention_backend=args.attention_backend, compile=getattr(args, "compile", False),
                           fuse=args.fuse, vae_dtype=args.vae_dtype,
-                          parallel=parallel_config_from_args(args),
-                          fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1")
+                          parallel=parallel_config_from_args(args), fault_injection=faults,
+                          fail_load_marker=str(args.output_dir / ".fault-fail-load") if faults else None)
+    watchdog = WatchdogConfig(heartbeat_timeout_s=args.worker_heartbeat_timeout,
+                              batch_base_s=args.batch_timeout_base, cancel_grace_s=args.cancel_grace)
+    origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     config = ServerConfig(
         worker=worker, model_id=_model_id(args), api_key=args.api_key or None, max_queue=args.max_queue,
         max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000, output_dir=args.output_dir,
         allow_url_inputs=args.allow_url_inputs, max_upload_bytes=int(args.max_upload_mb * 2**20),
-        shutdown_grace_s=args.shutdown_grace)
+        shutdown_grace_s=args.shutdown_grace, max_queue_bytes=int(args.max_queue_mb * 2**20),
+        max_request_mpx_steps=args.max_request_cost, job_ttl_s=args.job_ttl,
+        output_quota_bytes=int(args.output_quota_gb * 2**30), watchdog=watchdog,
+        metrics_require_key=args.metrics_require_key, docs=args.docs, allowed_origins=origins)
     fatal: list[str] = []
 
     def on_fatal(message: str) -> None:
@@ -120,7 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           "GET /health says when it is ready)", file=sys.stderr)
     server.run()
     if fatal:
-        print(f"diffserve: error: the model could not be loaded: {fatal[0]}", file=sys.stderr)
+        print(f"diffserve: error: the model could not be loaded (or reloaded after its worker died; gave up "
+              f"after {MAX_LOAD_FAILURES} tries): {fatal[0]}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
 

@@ -1,12 +1,20 @@
 """Reading request bodies: JSON or multipart forms (OpenAI's SDK sends edits and videos as multipart), the
 files uploaded with them, and input images given as uploads, data URLs or (only with --allow-url-inputs,
 never to loopback or private addresses) http(s) URLs. Image decoding and URL fetching are diffserve.media's.
+
+An input image is refused above `ImageRules.max_pixels` (checked from its header, before decoding), decoded
+in a worker thread (at most `ImageRules.slots` at once), shrunk to the model's working size (`WorkingSize`:
+never below what the model resizes it to), and kept as compressed bytes (`EncodedImage`) from then on: the
+queue and the worker pipe never hold decoded pixels.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -15,10 +23,39 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from diffserve.errors import UserError
+from diffserve.server.messages import EncodedImage
 from diffserve.server.protocol import APIError, from_user_error
 
 MAX_FORM_FILES = 16
 MAX_FORM_FIELDS = 64
+MIN_INPUT_EDGE = 512  # input images keep at least this short side (image encoders such as CLIP look at 224)
+
+
+@dataclass(frozen=True)
+class WorkingSize:
+    """The least an input image must keep for the model to see all it uses: both sides at least
+    `width` x `height` (image-to-video models resize the image to the output size), at least `area` pixels
+    (edit models resize it to about that area at its aspect ratio), and a short side of MIN_INPUT_EDGE."""
+
+    width: int = 0
+    height: int = 0
+    area: int = 0
+
+    def scale(self, size: tuple[int, int]) -> float:
+        """The factor an image of `size` may be shrunk by (1.0: keep it)."""
+        w, h = size
+        need = max(self.width / w, self.height / h, math.sqrt(self.area / (w * h)), MIN_INPUT_EDGE / min(w, h))
+        return min(1.0, need)
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """How this server takes input images for the model: the pixel limit, the working size, and the
+    semaphore that bounds concurrent decodes."""
+
+    max_pixels: int
+    need: WorkingSize
+    slots: asyncio.Semaphore
 
 
 class PayloadTooLarge(HTTPException):
@@ -82,22 +119,42 @@ async def read_form(request: Request, max_file_bytes: int) -> tuple[dict[str, An
     return fields, files
 
 
-def _decode(data: bytes) -> Any:
+def _compact(image: Any, need: WorkingSize, original: bytes | None) -> EncodedImage:
+    """`image` shrunk to the working size (aspect ratio kept) as compressed bytes: the original file when it
+    needs no shrinking, else a fast PNG (lossless)."""
+    from PIL import Image
+
+    scale = need.scale(image.size)
+    if scale >= 1.0 and original is not None:
+        return EncodedImage(original, image.size)
+    if scale < 1.0:
+        w, h = image.size
+        image = image.resize((max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))), Image.Resampling.LANCZOS,
+                             reducing_gap=3.0)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return EncodedImage(buf.getvalue(), image.size)
+
+
+def _as_api_error(e: UserError, param: str) -> APIError:
+    err = from_user_error(e)
+    err.param = param
+    return err
+
+
+async def image_from_upload(data: bytes, *, param: str, rules: ImageRules) -> EncodedImage:
+    """An uploaded image file, checked, decoded and shrunk for the model (400 when it is not an accepted
+    image, or has more pixels than `rules.max_pixels`)."""
     from diffserve.media import decode_image
 
-    try:
-        return decode_image(data)
-    except UserError as e:
-        raise from_user_error(e) from None
+    def prepare() -> EncodedImage:
+        try:
+            return _compact(decode_image(data, max_pixels=rules.max_pixels), rules.need, data)
+        except UserError as e:
+            raise _as_api_error(e, param) from None
 
-
-async def image_from_upload(data: bytes, *, param: str) -> Any:
-    """An uploaded image file as an RGB PIL image (400 when it is not an accepted image type)."""
-    try:
-        return await asyncio.to_thread(_decode, data)
-    except APIError as e:
-        e.param = param
-        raise
+    async with rules.slots:
+        return await asyncio.to_thread(prepare)
 
 
 def check_url_allowed(url: str, *, allow_urls: bool, param: str) -> None:
@@ -108,20 +165,21 @@ def check_url_allowed(url: str, *, allow_urls: bool, param: str) -> None:
                             "--allow-url-inputs); upload the image or send a data URL", param=param)
 
 
-async def image_from_url(url: str, *, allow_urls: bool, max_bytes: int, param: str) -> Any:
+async def image_from_url(url: str, *, allow_urls: bool, max_bytes: int, param: str,
+                         rules: ImageRules) -> EncodedImage:
     """An image given as an http(s) URL (fetched only when allowed, never from loopback or private
-    addresses), a data URL or base64, as an RGB PIL image."""
+    addresses), a data URL or base64, checked, decoded and shrunk for the model like an upload."""
     from diffserve.media import load_image
 
     check_url_allowed(url, allow_urls=allow_urls, param=param)
 
-    def load() -> Any:
+    def prepare() -> EncodedImage:
         try:
-            return load_image(url, allow_urls=allow_urls, max_bytes=max_bytes, block_private=True,
-                              allow_paths=False)
+            image = load_image(url, allow_urls=allow_urls, max_bytes=max_bytes, block_private=True,
+                               allow_paths=False, max_pixels=rules.max_pixels)
         except UserError as e:
-            err = from_user_error(e)
-            err.param = param
-            raise err from None
+            raise _as_api_error(e, param) from None
+        return _compact(image, rules.need, None)
 
-    return await asyncio.to_thread(load)
+    async with rules.slots:
+        return await asyncio.to_thread(prepare)

@@ -3,17 +3,34 @@
 Front -> worker, task pipe: `WorkerConfig` (at spawn), then one `BatchTask` at a time, `None` to stop.
 Front -> worker, cancel pipe: an item id (stop that request) or `CANCEL_ALL` (shutdown).
 Worker -> front, event pipe: `Ready` or `LoadFailed` once, then per batch any number of `Progress`, one
-`ItemDone` per item, and a closing `BatchDone`.
+`ItemDone` per item, and a closing `BatchDone`; a `Heartbeat` every `WorkerConfig.heartbeat_s` throughout.
+
+Input images cross as `EncodedImage` (compressed bytes, already cut to the model's working size by the
+front), never as decoded pixels; outputs come back as encoded bytes and the front writes them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from diffserve.config import GenerationRequest, ModelDefaults
 
 CANCEL_ALL = "*"
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An input image as compressed bytes, with its pixel size (all that request validation reads of it)."""
+
+    data: bytes
+    size: tuple[int, int]  # (width, height)
+
+    def decode(self) -> Any:
+        """The RGB PIL image."""
+        from diffserve.media import decode_image
+
+        return decode_image(self.data, max_pixels=self.size[0] * self.size[1])
 
 
 @dataclass(frozen=True)
@@ -28,17 +45,17 @@ class WorkerConfig:
     fuse: bool | None = None
     vae_dtype: str | None = None
     parallel: object | None = None  # a diffserve.parallel.mesh.ParallelConfig for multi-GPU engines
+    heartbeat_s: float = 1.0  # how often the worker says it is alive
     fault_injection: bool = False  # test hook, see diffserve.server.worker
+    fail_load_marker: str | None = None  # with fault_injection: loading fails while this file exists
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How to deliver one request's outputs: encoded bytes back to the front (paths None), or files written
-    by the worker at `paths` (one per output)."""
+    """How to encode one request's outputs (the worker sends the encoded bytes back)."""
 
     fmt: str
     quality: int = 95
-    paths: tuple[Path, ...] | None = None
 
 
 @dataclass
@@ -100,12 +117,11 @@ class ItemError:
 
 @dataclass
 class ItemDone:
-    """One item's outcome: encoded outputs (`blobs`) or written files (`paths`), or an error."""
+    """One item's outcome: encoded outputs (`blobs`), or an error."""
 
     batch_id: int
     item_id: str
     blobs: list[bytes] = field(default_factory=list)
-    paths: list[Path] = field(default_factory=list)
     seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: ItemError | None = None
@@ -117,3 +133,10 @@ class BatchDone:
 
     batch_id: int
     outputs: int  # how many outputs were denoised together (for metrics)
+
+
+@dataclass
+class Heartbeat:
+    """The worker process is alive and scheduled (sent by a thread of its own, busy or idle)."""
+
+    pid: int

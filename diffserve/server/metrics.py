@@ -1,5 +1,11 @@
 """Prometheus metrics of the server, rendered in the text exposition format (version 0.0.4) for
-`GET /metrics`. A few thread-safe counters, gauges and histograms; no client library needed."""
+`GET /metrics`. A few thread-safe counters, gauges and histograms; no client library needed.
+
+Label values come from closed sets, so the page cannot grow with what clients send: HTTP methods outside
+`HTTP_METHODS` are counted as ``other``, routes are the app's route templates (``unmatched`` for any other
+path), statuses are three-digit codes. As a second guard every family holds at most `MAX_SERIES` label
+sets; further ones are folded into one series whose labels are all ``other``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,17 @@ LabelValues = tuple[str, ...]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                    600.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+MAX_SERIES = 500
+
+
+def method_label(method: str) -> str:
+    """An HTTP method as a label value: itself if standard, else ``other``."""
+    return method if method in HTTP_METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    return str(status) if 100 <= status <= 599 else "other"
 
 
 def _escape(value: str) -> str:
@@ -42,6 +59,12 @@ class _Metric:
         self.label_names = tuple(labels)
         self._lock = threading.Lock()
 
+    def _key(self, known: dict, labels: LabelValues) -> LabelValues:
+        """`labels`, or the overflow series once the family holds MAX_SERIES label sets (caller holds the lock)."""
+        if labels in known or len(known) < MAX_SERIES:
+            return labels
+        return ("other",) * len(labels)
+
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
@@ -60,6 +83,7 @@ class Counter(_Metric):
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         with self._lock:
+            labels = self._key(self._values, labels)
             self._values[labels] = self._values.get(labels, 0.0) + amount
 
     def value(self, *labels: str) -> float:
@@ -101,6 +125,7 @@ class Histogram(_Metric):
 
     def observe(self, value: float, *labels: str) -> None:
         with self._lock:
+            labels = self._key(self._data, labels)
             counts, total, n = self._data.get(labels) or ([0] * len(self.buckets), 0.0, 0)
             for i, b in enumerate(self.buckets):
                 if value <= b:
@@ -131,7 +156,8 @@ class ServerMetrics:
     """Every metric the server exports. Gauges read live state through the callbacks given."""
 
     def __init__(self, *, queue_depth: Callable[[], int], running: Callable[[], int],
-                 worker_up: Callable[[], bool], video_jobs: Callable[[], dict[str, int]]) -> None:
+                 worker_up: Callable[[], bool], video_jobs: Callable[[], dict[str, int]],
+                 output_bytes: Callable[[], int] = lambda: 0, queued_bytes: Callable[[], int] = lambda: 0) -> None:
         self.requests = Counter("diffserve_http_requests_total", "HTTP requests answered, by route and status.",
                                 ("method", "route", "status"))
         self.latency = Histogram("diffserve_http_request_duration_seconds",
@@ -146,6 +172,8 @@ class ServerMetrics:
                                        "Outputs (images or videos) denoised together per batch.", BATCH_BUCKETS)
         self.batch_requests = Histogram("diffserve_batch_requests", "Requests per batch.", BATCH_BUCKETS)
         self.worker_restarts = Counter("diffserve_worker_restarts_total", "Worker processes restarted.")
+        self.worker_stalls = Counter("diffserve_worker_stalls_total",
+                                     "Workers killed for a missed heartbeat, a batch deadline or a cancel grace.")
         self.generations = Counter("diffserve_generations_total", "Generations finished, by kind and outcome.",
                                    ("kind", "outcome"))
         self._families: list[_Metric] = [
@@ -157,9 +185,19 @@ class ServerMetrics:
                   lambda: {(): 1.0 if worker_up() else 0.0}),
             Gauge("diffserve_video_jobs", "Video jobs held by the server, by status.",
                   lambda: {(k,): float(v) for k, v in video_jobs().items()}, ("status",)),
+            Gauge("diffserve_output_bytes", "Bytes of output files kept (url images and videos).",
+                  lambda: {(): float(output_bytes())}),
+            Gauge("diffserve_queued_bytes", "Bytes of prompts and input images held by waiting requests.",
+                  lambda: {(): float(queued_bytes())}),
             self.requests, self.latency, self.generation, self.generations, self.queue_wait,
-            self.batch_outputs, self.batch_requests, self.worker_restarts,
+            self.batch_outputs, self.batch_requests, self.worker_restarts, self.worker_stalls,
         ]
+
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered HTTP request (labels from closed sets, see the module docstring)."""
+        m = method_label(method)
+        self.requests.inc(m, route, status_label(status))
+        self.latency.observe(seconds, m, route)
 
     def render(self) -> str:
         lines: list[str] = []

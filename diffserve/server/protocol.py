@@ -17,37 +17,51 @@ import re
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from diffserve.config import GenerationRequest, ModelDefaults, resolve_request
 from diffserve.errors import UserError
 
 # Parameters of GenerationRequest named differently in the API (errors name the API field).
 _PARAM_ALIASES = {"height": "size", "width": "size", "num_outputs": "n"}
-_SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*$", re.ASCII)  # ASCII digits only
+# The `code` of an error that does not name one, by HTTP status.
+_DEFAULT_CODES = {400: "invalid_value", 401: "invalid_api_key", 403: "forbidden", 404: "not_found",
+                  405: "method_not_allowed", 409: "conflict", 413: "request_too_large", 429: "rate_limit_exceeded",
+                  499: "cancelled", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
+# Text fields a tokenizer reads: control characters other than tab and newlines are refused in them.
+_PROMPT_FIELDS = frozenset({"prompt", "negative_prompt"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_NUL = re.compile("\x00")
 
 
 class APIError(Exception):
     """An error answered to the client as ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
-        self.code = code
+        # Every error names a code; one not given is the status's generic code.
+        self.code = code or _DEFAULT_CODES.get(status, "server_error" if status >= 500 else "invalid_request")
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
     def __reduce__(self) -> tuple:  # picklable, so errors can cross the worker pipe
-        return (_rebuild_api_error, (self.status, self.message, self.type, self.param, self.code))
+        return (_rebuild_api_error, (self.status, self.message, self.type, self.param, self.code, self.headers))
 
 
-def _rebuild_api_error(status: int, message: str, type_: str, param: str | None, code: str | None) -> APIError:
-    return APIError(status, message, type=type_, param=param, code=code)
+def _rebuild_api_error(status: int, message: str, type_: str, param: str | None, code: str | None,
+                       headers: dict[str, str] | None = None) -> APIError:
+    return APIError(status, message, type=type_, param=param, code=code, headers=headers)
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -57,8 +71,11 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 
 
 def from_user_error(e: UserError) -> APIError:
-    """A `UserError` from the engine or media helpers as an APIError (API field names in `param`)."""
-    return APIError(e.http_status, str(e), type=e.error_type, param=_PARAM_ALIASES.get(e.param or "", e.param))
+    """A `UserError` from the engine or media helpers as an APIError (API field names in `param`; image input
+    errors have code ``invalid_image``)."""
+    code = "invalid_image" if e.param == "image" and e.http_status == 400 else None
+    return APIError(e.http_status, str(e), type=e.error_type, param=_PARAM_ALIASES.get(e.param or "", e.param),
+                    code=code)
 
 
 def from_validation_error(errors: list[dict[str, Any]]) -> APIError:
@@ -71,10 +88,18 @@ def from_validation_error(errors: list[dict[str, Any]]) -> APIError:
         loc = loc[1:]  # of ours has one of these names)
     param = ".".join(loc) or None
     kind = first.get("type", "")
+    code = "invalid_value"
     if kind == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
+    elif kind == "missing" and param is None:  # the whole body is missing
+        message = "The request body is empty; send a JSON object (e.g. {\"prompt\": \"...\"})."
+        code = "missing_body"
     elif kind == "missing":
         message = f"Missing required parameter: '{param}'."
+        code = "missing_required_parameter"
+    elif kind == "invalid_text":
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid text')}"
+        code = "invalid_text"
     elif kind.startswith("json"):
         message = ("We could not parse the JSON body of your request. The body must be valid JSON "
                    f"({first.get('msg', 'invalid JSON')}).")
@@ -83,13 +108,36 @@ def from_validation_error(errors: list[dict[str, Any]]) -> APIError:
         message = f"Invalid request body: {first.get('msg', 'invalid value')}"
     else:
         message = f"Invalid value for '{param}': {first.get('msg', 'invalid value')}"
-    return APIError(400, message, param=param, code="invalid_value" if kind != "missing" else None)
+    return APIError(400, message, param=param, code=code)
+
+
+def text_problem(text: str, *, prompt: bool) -> str | None:
+    """Why `text` cannot be accepted, or None: it must be valid Unicode (no lone UTF-16 surrogates, which no
+    encoder can write) and hold no NUL; a prompt, read by a tokenizer, no control characters besides tab and
+    line breaks either."""
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        return f"it is not valid Unicode text (a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()})"
+    bad = (_CONTROL if prompt else _NUL).search(text)
+    if bad is not None:
+        return f"it contains the control character U+{ord(bad.group()):04X} at character {bad.start()}"
+    return None
 
 
 class _Body(BaseModel):
     """Strict, closed request body."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse text that could not be stored or echoed (invalid Unicode) or would upset a tokenizer."""
+        if isinstance(value, str):
+            problem = text_problem(value, prompt=info.field_name in _PROMPT_FIELDS)
+            if problem is not None:
+                raise PydanticCustomError("invalid_text", problem)
+        return value
 
     @classmethod
     def parse(cls, data: Any, *, lax: bool = False) -> Any:

@@ -2,11 +2,14 @@
 
 Response: ``{"created", "data": [{"b64_json"} | {"url"}], "output_format", "size", "seed"}`` (``seed``
 is an extension: the request's seed; its n images come from that one seed). ``response_format`` defaults to
-``b64_json``; ``url`` results are files in ``<output-dir>/images`` served at ``/outputs/images/<name>``
-under unguessable names, without the API key (as capability URLs).
+``b64_json``; ``url`` results are written through the output store (`diffserve.server.outputs`) and served at
+``/outputs/images/<name>`` under unguessable names, without the API key (as capability URLs), until they
+expire (``--job-ttl``).
 
-A client that closes its connection before the answer cancels its request (it leaves the queue, or stops at
-the next denoising step once nothing else in its batch is wanted).
+A request over the cost ceiling (`Runtime.check_cost`) is refused with 400 before it is queued. A client
+that closes its connection before the answer cancels its request (it leaves the queue, or stops at the next
+denoising step once nothing else in its batch is wanted; a batch that cannot reach a step boundary within
+the cancel grace is stopped by restarting the worker).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fastapi import APIRouter, Request
 from diffserve.config import GenerationRequest
 from diffserve.errors import UserError
 from diffserve.server.inputs import (
+    ImageRules,
     check_url_allowed,
     image_from_upload,
     image_from_url,
@@ -44,11 +48,9 @@ from diffserve.server.scheduler import WorkItem
 
 router = APIRouter()
 
-_SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
-
-def _output_spec(rt: Runtime, body: ImageGenerationBody, n: int) -> tuple[OutputSpec, str]:
-    """How the worker delivers the images (bytes, or files for url results), and the format name."""
+def _output_spec(body: ImageGenerationBody) -> tuple[OutputSpec, str]:
+    """How the worker encodes the images, and the format name."""
     from diffserve.media import normalize_format
 
     try:
@@ -59,10 +61,7 @@ def _output_spec(rt: Runtime, body: ImageGenerationBody, n: int) -> tuple[Output
     if not 0 <= quality <= 100:
         raise APIError(400, f"output_compression={quality} is not accepted: it must be between 0 and 100",
                        param="output_compression")
-    paths = None
-    if (body.response_format or "b64_json") == "url":
-        paths = tuple(rt.image_dir / f"img_{secrets.token_hex(16)}{_SUFFIX[fmt]}" for _ in range(n))
-    return OutputSpec(fmt=fmt, quality=quality, paths=paths), fmt
+    return OutputSpec(fmt=fmt, quality=quality), fmt
 
 
 def _build_request(rt: Runtime, body: ImageGenerationBody, image: Any) -> GenerationRequest:
@@ -77,10 +76,12 @@ def _build_request(rt: Runtime, body: ImageGenerationBody, image: Any) -> Genera
         raise APIError(400, f"n={n} is not accepted: this server makes at most {rt.config.max_batch_size} "
                             "images per request (--max-batch-size)", param="n")
     width, height = parse_size(body.size)
-    return resolve(GenerationRequest(
+    req = resolve(GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance(), seed=body.seed,
         num_outputs=n, image=image), defaults)
+    rt.check_cost(req, defaults)
+    return req
 
 
 async def _disconnected(request: Request) -> None:
@@ -108,13 +109,15 @@ async def _generate(rt: Runtime, request: Request, body: ImageGenerationBody, im
     """Queue one image request, wait for its result, and shape the response."""
     rt.check_model(body.model)
     req = _build_request(rt, body, image)
-    spec, fmt = _output_spec(rt, body, req.num_outputs)
+    spec, fmt = _output_spec(body)
     item = WorkItem(id=f"img_{secrets.token_hex(12)}", kind="image", request=req, output=spec)
     rt.submit(item)
     done = await _result_unless_disconnected(rt, request, item)
-    if spec.paths is not None:
+    if (body.response_format or "b64_json") == "url":
+        names = [rt.outputs.image_name(fmt) for _ in done.blobs]
+        await asyncio.to_thread(lambda: [rt.outputs.write("images", n, b) for n, b in zip(names, done.blobs)])
         base = str(request.base_url).rstrip("/")
-        data = [{"url": f"{base}/outputs/images/{p.name}", "revised_prompt": None} for p in done.paths]
+        data = [{"url": f"{base}/outputs/images/{name}", "revised_prompt": None} for name in names]
     else:
         data = [{"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": None} for b in done.blobs]
     return {"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{req.width}x{req.height}",
@@ -145,20 +148,21 @@ async def _edit_input(rt: Runtime, body: ImageEditBody, files: dict[str, list[by
     if len(uploads) + len(refs) > most:
         raise APIError(400, f"this model takes {'one input image' if most == 1 else f'at most {most} input images'}; "
                             f"got {len(uploads) + len(refs)}", param="image")
+    rules = rt.image_rules(rt.defaults(), *parse_size(body.size))
     if uploads:
-        images = [await image_from_upload(u, param="image") for u in uploads]
+        images = [await image_from_upload(u, param="image", rules=rules) for u in uploads]
     else:
-        images = [await _referenced_image(rt, ref) for ref in refs]
+        images = [await _referenced_image(rt, ref, rules) for ref in refs]
     return images[0] if len(images) == 1 else images
 
 
-async def _referenced_image(rt: Runtime, ref: ImageReference) -> Any:
+async def _referenced_image(rt: Runtime, ref: ImageReference, rules: ImageRules) -> Any:
     if ref.image_url is None:
         raise APIError(400, "images[].file_id is not supported here; upload the image or give image_url",
                        param="images")
     check_url_allowed(ref.image_url, allow_urls=rt.config.allow_url_inputs, param="images")
     return await image_from_url(ref.image_url, allow_urls=rt.config.allow_url_inputs,
-                                max_bytes=rt.config.max_upload_bytes, param="images")
+                                max_bytes=rt.config.max_upload_bytes, param="images", rules=rules)
 
 
 @router.post("/images/edits")

@@ -4,12 +4,15 @@
 ``input_reference[image_url]``) or JSON (``input_reference: {"image_url": ...}``). Duration: ``num_frames``
 when given, else ``seconds`` mapped to the 4k+1 frame count nearest to seconds*fps
 (`diffserve.server.protocol.frames_for_seconds`), else the model's default frame count. ``fps`` defaults to
-the model's. The job is answered at once (status ``queued``).
+the model's. The job is answered at once (status ``queued``); a request over the cost ceiling is a 400.
+Finished jobs expire after ``--job-ttl`` (``expires_at``), their MP4 with them; jobs and MP4s survive a
+restart (`diffserve.server.jobs`).
 """
 
 from __future__ import annotations
 
 import secrets
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -17,6 +20,7 @@ from fastapi.responses import FileResponse
 
 from diffserve.config import GenerationRequest
 from diffserve.server.inputs import (
+    ImageRules,
     check_url_allowed,
     image_from_upload,
     image_from_url,
@@ -57,7 +61,7 @@ async def _parse_body(rt: Runtime, request: Request) -> tuple[VideoCreateBody, b
 
 
 async def _input_image(rt: Runtime, body: VideoCreateBody, upload: bytes | None) -> Any:
-    """The input_reference as a PIL image (None without one), checked against what the model takes."""
+    """The input_reference, checked, shrunk and compressed for the model (None without one)."""
     ref = body.input_reference
     if ref is not None and ref.file_id is not None:
         raise APIError(400, "input_reference.file_id is not supported here; upload the image or give image_url",
@@ -70,11 +74,12 @@ async def _input_image(rt: Runtime, body: VideoCreateBody, upload: bytes | None)
     if (upload is not None or ref is not None) and not defaults.accepts_image:
         raise APIError(400, f"model '{rt.config.model_id}' does not take an input image (input_reference)",
                        param="input_reference")
+    rules: ImageRules = rt.image_rules(defaults, *parse_size(body.size))
     if upload is not None:
-        return await image_from_upload(upload, param="input_reference")
+        return await image_from_upload(upload, param="input_reference", rules=rules)
     if ref is not None:
         return await image_from_url(ref.image_url or "", allow_urls=rt.config.allow_url_inputs,
-                                    max_bytes=rt.config.max_upload_bytes, param="input_reference")
+                                    max_bytes=rt.config.max_upload_bytes, param="input_reference", rules=rules)
     if defaults.needs_image:
         raise APIError(400, f"model '{rt.config.model_id}' makes videos from an image: give input_reference",
                        param="input_reference")
@@ -89,10 +94,28 @@ def _build_request(rt: Runtime, body: VideoCreateBody, image: Any) -> Generation
     if frames is None and seconds is not None:
         frames = frames_for_seconds(seconds, defaults, fps)
     width, height = parse_size(body.size)
-    return resolve(GenerationRequest(
+    req = resolve(GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed,
         num_frames=frames, fps=body.fps, image=image), defaults)
+    rt.check_cost(req, defaults)
+    return req
+
+
+def _job_done(rt: Runtime, job_id: str, future: Future) -> None:
+    """A job's work item is over: write its MP4 through the output store, then record the outcome."""
+    error = future.exception()
+    name = rt.outputs.video_name(job_id)
+    if error is None:
+        if rt.jobs.status(job_id) is None:  # deleted meanwhile
+            return
+        try:
+            rt.outputs.write("videos", name, future.result().blobs[0])
+        except OSError as e:
+            error = APIError(500, f"the video could not be written: {e.strerror or e}", type="server_error",
+                             code="output_write_failed")
+    if not rt.jobs.finished(job_id, error):
+        rt.outputs.remove("videos", name)  # deleted while it was written
 
 
 @router.post("/videos")
@@ -112,8 +135,8 @@ async def create_video(request: Request) -> dict[str, Any]:
     seconds = str(body.seconds) if body.seconds is not None else f"{req.num_frames / req.fps:g}"
     job = VideoJob(id=job_id, model=rt.config.model_id, prompt=req.prompt, size=f"{req.width}x{req.height}",
                    seconds=seconds, num_frames=req.num_frames, fps=req.fps, seed=int(req.seed or 0),
-                   num_inference_steps=int(req.num_inference_steps or 0), path=rt.video_dir / f"{job_id}.mp4")
-    item = WorkItem(id=job_id, kind="video", request=req, output=OutputSpec(fmt="mp4", paths=(job.path,)),
+                   num_inference_steps=int(req.num_inference_steps or 0))
+    item = WorkItem(id=job_id, kind="video", request=req, output=OutputSpec(fmt="mp4"),
                     on_start=lambda: rt.jobs.started(job_id),
                     on_progress=lambda done, total: rt.jobs.progressed(job_id, done, total))
     job.item = item
@@ -123,7 +146,7 @@ async def create_video(request: Request) -> dict[str, Any]:
     except APIError:
         rt.jobs.remove(job_id)
         raise
-    item.future.add_done_callback(lambda f: rt.jobs.finished(job_id, f))
+    item.future.add_done_callback(lambda f: _job_done(rt, job_id, f))
     return job.to_api()
 
 
@@ -152,16 +175,17 @@ async def retrieve_video(video_id: str, request: Request) -> dict[str, Any]:
 @router.get("/videos/{video_id}/content")
 async def video_content(video_id: str, request: Request, variant: str = "video") -> FileResponse:
     """The MP4 of a completed job (409 while it is not completed)."""
-    found = request.app.state.runtime.jobs.content(video_id)
-    if found is None:
+    rt: Runtime = request.app.state.runtime
+    status = rt.jobs.status(video_id)
+    if status is None:
         raise _unknown(video_id)
     if variant != "video":
         raise APIError(400, f"variant {variant!r} is not available; only 'video' is", param="variant")
-    status, path = found
     if status != "completed":
         raise APIError(409, f"video '{video_id}' is {status}, not completed; its content is not available",
                        code="video_not_ready")
-    if not path.is_file():
+    path = rt.outputs.path("videos", rt.outputs.video_name(video_id))
+    if path is None:
         raise APIError(404, f"the file of video '{video_id}' is gone", code="not_found")
     return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
 
@@ -174,7 +198,7 @@ async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
     job = rt.jobs.remove(video_id)
     if job is None:
         raise _unknown(video_id)
-    if job.item is not None:
+    if isinstance(job, VideoJob) and job.item is not None:
         rt.cancel(job.item)
-    job.path.unlink(missing_ok=True)
+    rt.outputs.remove("videos", rt.outputs.video_name(video_id))
     return {"id": video_id, "object": "video.deleted", "deleted": True}

@@ -1,5 +1,6 @@
 """The server's runtime: its settings and the parts the routes share (queue, worker supervisor, video jobs,
-metrics), with start-up and the graceful shutdown sequence.
+output files, metrics), with start-up, the janitor that expires old jobs and files, and the graceful
+shutdown sequence.
 
 Shutdown (SIGTERM / SIGINT, or the app's lifespan ending): stop accepting generation requests (503
 ``shutting_down``), fail every queued request and video job with that error, let the running batch finish
@@ -9,6 +10,7 @@ for up to ``shutdown_grace_s`` and then cancel it at its next step (its requests
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -16,13 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffserve.config import ModelDefaults
+from diffserve.config import GenerationRequest, ModelDefaults
+from diffserve.server.inputs import MIN_INPUT_EDGE, ImageRules, WorkingSize
 from diffserve.server.jobs import JobStore
 from diffserve.server.messages import WorkerConfig
 from diffserve.server.metrics import ServerMetrics
+from diffserve.server.outputs import OutputStore
 from diffserve.server.protocol import APIError
 from diffserve.server.scheduler import Scheduler, WorkItem, shutting_down_error
 from diffserve.server.supervisor import WorkerSupervisor
+from diffserve.server.watchdog import WatchdogConfig, request_cost
+
+DEFAULT_COST_FACTOR = 8  # the default cost ceiling: this many of the model's default request
 
 log = logging.getLogger("diffserve.server")
 
@@ -41,6 +48,14 @@ class ServerConfig:
     allow_url_inputs: bool = False
     max_upload_bytes: int = 20 * 2**20
     shutdown_grace_s: float = 30.0
+    max_queue_bytes: int = 256 * 2**20  # prompts and compressed input images of the waiting requests
+    max_request_mpx_steps: float | None = None  # cost ceiling per request; None: DEFAULT_COST_FACTOR x default
+    job_ttl_s: float = 24 * 3600.0  # video jobs and output files are kept this long after they finish
+    output_quota_bytes: int = 10 * 2**30  # output files beyond this: the oldest are removed
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    metrics_require_key: bool = False
+    docs: bool = True
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
 
 
 class Runtime:
@@ -49,23 +64,81 @@ class Runtime:
     def __init__(self, config: ServerConfig, on_fatal: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.created = int(time.time())
-        self.jobs = JobStore()
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs = JobStore(config.output_dir / "jobs.sqlite3", ttl_s=config.job_ttl_s)
+        self.outputs = OutputStore(config.output_dir, ttl_s=config.job_ttl_s, quota_bytes=config.output_quota_bytes,
+                                   on_evict=self._evicted)
         self.scheduler = Scheduler(max_queue=config.max_queue, max_batch_size=config.max_batch_size,
-                                   batch_wait_s=config.batch_wait_s)
+                                   batch_wait_s=config.batch_wait_s, max_queue_bytes=config.max_queue_bytes)
         self.metrics = ServerMetrics(queue_depth=lambda: self.scheduler.depth,
                                      running=lambda: self.supervisor.running_count,
                                      worker_up=lambda: self.supervisor.state == "ready",
-                                     video_jobs=self.jobs.counts)
-        self.supervisor = WorkerSupervisor(config.worker, self.scheduler, self.metrics, on_fatal=on_fatal)
-        self.image_dir = config.output_dir / "images"
-        self.video_dir = config.output_dir / "videos"
+                                     video_jobs=self.jobs.counts, output_bytes=lambda: self.outputs.total_bytes,
+                                     queued_bytes=lambda: self.scheduler.queued_bytes)
+        self.supervisor = WorkerSupervisor(config.worker, self.scheduler, self.metrics, on_fatal=on_fatal,
+                                           watchdog=config.watchdog)
+        self.decode_slots = asyncio.Semaphore(2)  # input images decoded at once (each may be megapixels)
         self._shutdown_lock = threading.Lock()
         self._stopper: threading.Thread | None = None
+        self._janitor_stop = threading.Event()
 
     def start(self) -> None:
-        for folder in (self.image_dir, self.video_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.outputs.open()
+        failed = self.jobs.recover()
+        if failed:
+            log.warning("%d video jobs were queued or running when the server last stopped; marked failed", failed)
+        self.clean()
+        threading.Thread(target=self._janitor, name="diffserve-janitor", daemon=True).start()
         self.supervisor.start()
+
+    def clean(self, now: float | None = None) -> None:
+        """Forget expired video jobs and remove their files and every other expired output."""
+        for job_id in self.jobs.expire(now):
+            self.outputs.remove("videos", self.outputs.video_name(job_id))
+        self.outputs.sweep(now)
+
+    def _janitor(self) -> None:
+        interval = max(1.0, min(60.0, self.config.job_ttl_s / 4))
+        while not self._janitor_stop.wait(interval):
+            try:
+                self.clean()
+            except Exception:  # a failed sweep is retried at the next one
+                log.exception("cleaning expired outputs failed")
+
+    def _evicted(self, kind: str, name: str) -> None:
+        """An output removed early by the disk quota: a video's job goes with it."""
+        if kind == "videos":
+            self.jobs.remove(name.removesuffix(".mp4"))
+        log.info("output quota: removed %s/%s", kind, name)
+
+    def max_request_cost(self, defaults: ModelDefaults) -> int:
+        """The largest request accepted, in pixel-steps (outputs x width x height x frames x steps)."""
+        if self.config.max_request_mpx_steps is not None:
+            return int(self.config.max_request_mpx_steps * 1e6)
+        frames = defaults.num_frames or 1
+        return DEFAULT_COST_FACTOR * defaults.width * defaults.height * frames * defaults.num_inference_steps
+
+    def check_cost(self, req: GenerationRequest, defaults: ModelDefaults) -> None:
+        """400 ``request_too_costly`` for a request over the cost ceiling."""
+        cost, ceiling = request_cost(req), self.max_request_cost(defaults)
+        if cost > ceiling:
+            raise APIError(400, f"this request asks for {cost / 1e6:g} megapixel-steps (n x width x height x frames x "
+                                f"steps); this server accepts at most {ceiling / 1e6:g} (--max-request-cost, shown "
+                                "in GET /v1/models): ask for fewer or smaller outputs or fewer steps",
+                           code="request_too_costly")
+
+    def image_rules(self, defaults: ModelDefaults, width: int | None, height: int | None) -> ImageRules:
+        """How input images of a request for a `width` x `height` output (None: the model's choice) are taken."""
+        if width is None or height is None:  # edit models size the output from the image: cover the area only
+            width, height = (0, 0) if defaults.size_from_image_area else (defaults.width, defaults.height)
+        need = WorkingSize(width, height, defaults.size_from_image_area or 0)
+        return ImageRules(self.max_input_pixels(defaults), need, self.decode_slots)
+
+    @staticmethod
+    def max_input_pixels(defaults: ModelDefaults) -> int:
+        """The largest input image accepted: no larger than the largest output the model makes (nor than what
+        an edit model looks at), since nothing beyond that is used."""
+        return max(defaults.max_size ** 2, defaults.size_from_image_area or 0, MIN_INPUT_EDGE ** 2)
 
     def defaults(self) -> ModelDefaults:
         """The model's defaults, or 503 while it is not loaded / not loadable / shutting down."""
@@ -88,12 +161,20 @@ class Runtime:
                             "(see GET /v1/models)", param="model", code="model_not_found")
 
     def submit(self, item: WorkItem) -> None:
-        self.scheduler.submit(item)
+        """Queue `item` (429 with Retry-After when the queue is full)."""
+        try:
+            self.scheduler.submit(item)
+        except APIError as e:
+            if e.status == 429:
+                e.headers["Retry-After"] = str(self.supervisor.retry_after_s())
+            raise
 
     def cancel(self, item: WorkItem) -> None:
         """Stop `item`: a queued one leaves the queue, a running one stops at its next denoising step (once
-        every request of its batch is cancelled; otherwise its outputs are dropped when the batch ends)."""
+        every request of its batch is cancelled; otherwise its outputs are dropped when the batch ends; a
+        fully cancelled batch that runs on past the cancel grace is stopped by restarting the worker)."""
         item.cancelled = True
+        item.cancelled_at = time.monotonic()
         if self.scheduler.remove(item.id) is not None:
             item.fail(APIError(409, "the request was cancelled", code="cancelled"))
         else:
@@ -116,4 +197,5 @@ class Runtime:
         self.begin_shutdown()
         assert self._stopper is not None
         self._stopper.join(timeout)
+        self._janitor_stop.set()
         log.info("shut down")

@@ -6,6 +6,9 @@ sequence length, negative prompt or not; plus whether it has an input image) joi
 the batch holds at most ``max_batch_size`` outputs (the sum of ``n``). If the batch is not full, the
 scheduler waits until the oldest request has waited ``batch_wait_s`` for more to arrive. Each request keeps
 its own seed and result. Requests that do not fit or do not match keep their place for the next batch.
+
+The queue is bounded twice: in requests (``max_queue``) and in memory (``max_queue_bytes``: the prompts and
+the compressed input images of the waiting requests); either answers 429 ``queue_full``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 from diffserve.config import GenerationRequest
 from diffserve.pipelines.base import batch_key
-from diffserve.server.messages import ItemDone, OutputSpec, TaskItem
+from diffserve.server.messages import EncodedImage, ItemDone, OutputSpec, TaskItem
 from diffserve.server.protocol import APIError
 
 
@@ -37,10 +40,17 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     cancelled: bool = False
+    cancelled_at: float | None = None
 
     @property
     def n(self) -> int:
         return self.request.num_outputs
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the request holds while it waits: its text and its compressed input images."""
+        text = len(self.request.prompt) + len(self.request.negative_prompt or "")
+        return 4 * text + sum(len(im.data) for im in self.request.images if isinstance(im, EncodedImage)) + 1024
 
     @property
     def key(self) -> tuple:
@@ -72,10 +82,13 @@ def shutting_down_error() -> APIError:
 class Scheduler:
     """Bounded FIFO queue of WorkItems that hands out batches of compatible items (thread-safe)."""
 
-    def __init__(self, *, max_queue: int, max_batch_size: int, batch_wait_s: float = 0.005) -> None:
+    def __init__(self, *, max_queue: int, max_batch_size: int, batch_wait_s: float = 0.005,
+                 max_queue_bytes: int = 2**62) -> None:
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.max_queue_bytes = max_queue_bytes
+        self._bytes = 0
         self._pending: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -84,6 +97,11 @@ class Scheduler:
     def depth(self) -> int:
         with self._cond:
             return len(self._pending)
+
+    @property
+    def queued_bytes(self) -> int:
+        with self._cond:
+            return self._bytes
 
     @property
     def closed(self) -> bool:
@@ -97,7 +115,12 @@ class Scheduler:
             if len(self._pending) >= self.max_queue:
                 raise APIError(429, f"the server's queue is full ({self.max_queue} requests waiting); retry later",
                                type="rate_limit_error", code="queue_full")
+            if self._pending and self._bytes + item.nbytes > self.max_queue_bytes:
+                raise APIError(429, f"the server's queue is full (its waiting requests hold {self._bytes} bytes of "
+                                    f"prompts and input images; the limit is {self.max_queue_bytes}); retry later",
+                               type="rate_limit_error", code="queue_full")
             self._pending.append(item)
+            self._bytes += item.nbytes
             self._cond.notify_all()
 
     def remove(self, item_id: str) -> WorkItem | None:
@@ -106,6 +129,7 @@ class Scheduler:
             for item in self._pending:
                 if item.id == item_id:
                     self._pending.remove(item)
+                    self._bytes -= item.nbytes
                     self._cond.notify_all()
                     return item
         return None
@@ -114,6 +138,7 @@ class Scheduler:
         """Put items taken for a batch that never started back at the head of the queue, in order."""
         with self._cond:
             self._pending.extendleft(reversed(items))
+            self._bytes += sum(it.nbytes for it in items)
             self._cond.notify_all()
 
     def close(self) -> list[WorkItem]:
@@ -122,6 +147,7 @@ class Scheduler:
             self._closed = True
             items = list(self._pending)
             self._pending.clear()
+            self._bytes = 0
             self._cond.notify_all()
         return items
 
@@ -130,6 +156,7 @@ class Scheduler:
         with self._cond:
             items = list(self._pending)
             self._pending.clear()
+            self._bytes = 0
         return items
 
     def next_batch(self, timeout: float) -> list[WorkItem] | None:
@@ -167,4 +194,5 @@ class Scheduler:
                 break
         for item in batch:
             self._pending.remove(item)
+            self._bytes -= item.nbytes
         return batch

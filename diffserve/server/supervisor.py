@@ -6,9 +6,12 @@ requests that arrive meanwhile batch together). Worker states, shown on /health:
 
 * ``starting``: the first worker is loading the model (requests get 503 until it is ready);
 * ``ready``: serving;
-* ``restarting``: the worker died (or is being replaced); requests stay queued and run on the new worker,
-  but the ones it was running fail at once with a ``worker_died`` error instead of hanging;
-* ``dead``: the model could not be loaded (or the worker kept dying while loading); requests get 503;
+* ``restarting``: the worker died, stalled or overran a deadline and is being replaced (`watchdog`); requests
+  stay queued and run on the new worker, but the ones it was running fail at once (``worker_died``,
+  ``worker_stalled``, ``generation_timeout``) instead of hanging;
+* ``dead``: the model could not be loaded (or reloaded: `MAX_LOAD_FAILURES` tries in a row, 2 s then 4 s
+  apart); requests get 503 and the server is told (`on_fatal`), which makes `diffserve serve` exit 1 so that
+  an outside supervisor (systemd, Kubernetes) restarts it;
 * ``stopped``: the server shut down.
 """
 
@@ -29,6 +32,7 @@ from diffserve.server.messages import (
     CANCEL_ALL,
     BatchDone,
     BatchTask,
+    Heartbeat,
     ItemDone,
     LoadFailed,
     Progress,
@@ -38,6 +42,7 @@ from diffserve.server.messages import (
 from diffserve.server.metrics import ServerMetrics
 from diffserve.server.protocol import APIError
 from diffserve.server.scheduler import Scheduler, WorkItem, shutting_down_error
+from diffserve.server.watchdog import BatchClock, WatchdogConfig, request_cost
 from diffserve.server.worker import worker_main
 
 log = logging.getLogger("diffserve.server")
@@ -60,15 +65,30 @@ class _WorkerDied(Exception):
     """The worker process ended while it was expected to answer."""
 
 
+class _WorkerStalled(Exception):
+    """The worker is alive but must be killed: no heartbeat, a batch past its deadline, or a cancelled batch
+    that does not stop. `error` is what the requests it was running get."""
+
+    def __init__(self, reason: str, error: APIError | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
 class WorkerSupervisor:
     """Owns the worker process and the thread that serves the scheduler's batches with it."""
 
     def __init__(self, cfg: WorkerConfig, scheduler: Scheduler, metrics: ServerMetrics | None = None,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, watchdog: WatchdogConfig | None = None) -> None:
         self.cfg = cfg
         self.scheduler = scheduler
         self.metrics = metrics
         self.on_fatal = on_fatal
+        self.watchdog = watchdog or WatchdogConfig()
+        self.clock = BatchClock(self.watchdog)
+        self._last_heard = time.monotonic()
+        self._serving = False  # heartbeats are required (only once the model is loaded)
+        self._deadline: float | None = None
         self.state = "starting"
         self.pid: int | None = None
         self.restarts = 0
@@ -104,14 +124,23 @@ class WorkerSupervisor:
         """Worker state for /health."""
         with self._lock:
             running = len(self._running)
-        info = self.info
+        info, now, deadline = self.info, time.monotonic(), self._deadline
         return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "last_error": self.last_error,
                 "running": running, "pipeline": info.pipeline_class if info else None,
-                "device": info.device if info else None, "dtype": info.dtype if info else None}
+                "device": info.device if info else None, "dtype": info.dtype if info else None,
+                "last_heartbeat_s": round(now - self._last_heard, 3) if self._serving else None,
+                "batch_deadline_in_s": round(deadline - now, 3) if deadline is not None else None}
+
+    def retry_after_s(self) -> int:
+        """A guess of when a full queue will have room: its batches at the recent mean batch time (1-60 s)."""
+        mean = self.clock.mean_batch_s or 1.0
+        batches = self.scheduler.depth / max(1, self.scheduler.max_batch_size)
+        return int(min(60, max(1, round(mean * max(1.0, batches)))))
 
     def cancel(self, item: WorkItem) -> bool:
         """Ask the worker to stop `item` at its next step; False when it is not running."""
         item.cancelled = True
+        item.cancelled_at = item.cancelled_at or time.monotonic()
         with self._lock:
             if item.id not in self._running:
                 return False
@@ -180,7 +209,7 @@ class WorkerSupervisor:
         log.error("giving up on the worker: %s", self.last_error)
         error = APIError(503, f"the model worker is not available: {self.last_error}", type="server_error",
                          code="worker_dead")
-        if self.on_fatal is not None and self.info is None:
+        if self.on_fatal is not None:
             self.on_fatal(self.last_error or "the model could not be loaded")
         while not self._stopping.is_set():
             for item in self.scheduler.drain():
@@ -203,6 +232,7 @@ class WorkerSupervisor:
         with self._lock:
             self._proc, self._tasks, self._events, self._cancels = proc, task_w, ev_r, cancel_w
             self.pid = proc.pid
+            self._serving = False
         try:
             msg = self._wait_ready()
         except _WorkerDied:
@@ -217,6 +247,8 @@ class WorkerSupervisor:
         if msg is None:
             return False
         self.info = msg
+        self._last_heard = time.monotonic()
+        self._serving = True
         self._set_state("ready")
         log.info("worker %d ready: %s on %s (%s)", msg.pid, msg.pipeline_class, msg.device, msg.dtype)
         self.loaded.set()
@@ -230,12 +262,16 @@ class WorkerSupervisor:
         return None
 
     def _recv(self, timeout: float) -> object | None:
-        """The next event from the worker, None after `timeout`; _WorkerDied when it is gone."""
+        """The next event from the worker other than a heartbeat, None after `timeout`; _WorkerDied when it
+        is gone, _WorkerStalled when a serving worker has not been heard from for too long."""
         assert self._events is not None
         try:
             if self._events.poll(timeout):
-                return self._events.recv()
+                msg = self._events.recv()
+                self._last_heard = time.monotonic()
+                return None if isinstance(msg, Heartbeat) else msg
             if self._proc.is_alive():
+                self._check_heartbeat()
                 return None
             if self._events.poll(0):  # it wrote before exiting
                 return self._events.recv()
@@ -244,23 +280,41 @@ class WorkerSupervisor:
         self._proc.join(timeout=2.0)
         raise _WorkerDied()
 
+    def _check_heartbeat(self) -> None:
+        silent = time.monotonic() - self._last_heard
+        if self._serving and silent > self.watchdog.heartbeat_timeout_s:
+            reason = (f"the worker process stopped answering (no heartbeat for {silent:.1f} s; stopped or frozen)"
+                      "; it was killed")
+            raise _WorkerStalled(reason, APIError(
+                500, f"{reason} while running this request and is being restarted; retry the request",
+                type="server_error", code="worker_stalled"))
+
     def _serve(self) -> None:
-        """Feed batches to a ready worker until it dies or the server stops."""
+        """Feed batches to a ready worker until it dies, stalls or the server stops."""
         while not self._stopping.is_set():
             batch = self.scheduler.next_batch(timeout=0.2)
+            try:
+                if not batch:
+                    self._recv(0)  # heartbeats while idle
+                    continue
+            except _WorkerStalled as e:
+                self._kill(e.reason)
+                return
+            except _WorkerDied:
+                pass
             if not self._proc.is_alive():
                 if batch:
                     self.scheduler.requeue_front(batch)
                 self._proc.join(timeout=1.0)
                 self._worker_lost(f"the worker process died while idle ({_exit_text(self._proc.exitcode)})")
                 return
-            if batch and not self._execute(batch):
+            if not self._execute(batch):
                 return
 
     # ------------------------------------------------------------------------------------------- batches
 
     def _execute(self, batch: list[WorkItem]) -> bool:
-        """Run one batch; False when the worker died during it (its items have then failed)."""
+        """Run one batch; False when the worker died or was killed during it (its items have then failed)."""
         now = time.monotonic()
         with self._lock:
             for it in batch:
@@ -274,12 +328,20 @@ class WorkerSupervisor:
             except (BrokenPipeError, OSError):
                 self._proc.join(timeout=2.0)
                 raise _WorkerDied() from None
-            self._pump()
+            self._pump(sum(request_cost(it.request) for it in batch), now)
             return True
         except _WorkerDied:
             self._fail_running(self._death_error())
             return False
+        except _WorkerStalled as e:
+            self._kill(e.reason)
+            if e.error is None:  # every request of the batch had been cancelled
+                self._fail_running(APIError(409, "the request was cancelled", code="cancelled"), "cancelled")
+            else:
+                self._fail_running(shutting_down_error() if self._stopping.is_set() else e.error)
+            return False
         finally:
+            self._deadline = None
             with self._lock:
                 self._running.clear()
 
@@ -292,16 +354,19 @@ class WorkerSupervisor:
             if self.metrics:
                 self.metrics.queue_wait.observe(now - it.enqueued_at)
             if it.cancelled:
+                it.cancelled_at = it.cancelled_at or now
                 with self._lock:
                     self._send_cancel(it.id)
             if it.on_start is not None:
                 it.on_start()
 
-    def _pump(self) -> None:
-        """Relay the worker's events for the running batch until it is done."""
+    def _pump(self, cost: int, started: float) -> None:
+        """Relay the worker's events for the running batch until it is done, holding it to its deadline."""
+        self._deadline = self.clock.deadline(started, cost, started)
         while True:
             msg = self._recv(timeout=0.2)
             if isinstance(msg, Progress):
+                self._deadline = self.clock.deadline(started, cost, time.monotonic(), msg.done, msg.total)
                 for item_id in msg.item_ids:
                     item = self._running.get(item_id)
                     if item is not None and item.on_progress is not None:
@@ -312,7 +377,27 @@ class WorkerSupervisor:
                 if item is not None:
                     self._finish(item, msg)
             elif isinstance(msg, BatchDone):
+                self.clock.learn(cost, time.monotonic() - started)
                 return
+            self._check_time(started)
+
+    def _check_time(self, started: float) -> None:
+        """_WorkerStalled when the batch is past its deadline, or every request of it was cancelled more than
+        the cancel grace ago and it still runs (a long step, or preprocessing that never reaches a step)."""
+        now = time.monotonic()
+        if self._deadline is not None and now > self._deadline:
+            limit = self._deadline - started
+            reason = f"a batch ran past its deadline of {limit:.0f} s (from its size and steps); the worker was killed"
+            raise _WorkerStalled(reason, APIError(
+                504, f"this request did not finish within its deadline of {limit:.0f} s, set from its size and "
+                     "steps; the worker was restarted", type="server_error", code="generation_timeout"))
+        with self._lock:
+            items = list(self._running.values())
+        if items and all(it.cancelled for it in items):
+            since = max(it.cancelled_at or now for it in items)
+            if now - since > self.watchdog.cancel_grace_s:
+                raise _WorkerStalled(f"a cancelled batch did not stop within {self.watchdog.cancel_grace_s:g} s; "
+                                     "the worker was killed", None)
 
     def _finish(self, item: WorkItem, done: ItemDone) -> None:
         """Hand the outcome to the request; outputs of a cancelled request are deleted."""
@@ -321,8 +406,6 @@ class WorkerSupervisor:
             self.metrics.generations.inc(item.kind, outcome)
             self.metrics.generation.observe(time.monotonic() - item.enqueued_at, item.kind, outcome)
         if item.cancelled:
-            for path in done.paths:
-                path.unlink(missing_ok=True)
             item.fail(APIError(409, "the request was cancelled", code="cancelled"))
         elif outcome == "cancelled":  # stopped by shutdown
             item.fail(shutting_down_error())
@@ -337,16 +420,26 @@ class WorkerSupervisor:
         return APIError(500, f"the model worker process died while running this request ({_exit_text(code)}); "
                              "it is being restarted, retry the request", type="server_error", code="worker_died")
 
-    def _fail_running(self, error: APIError) -> None:
+    def _fail_running(self, error: APIError, outcome: str = "error") -> None:
         with self._lock:
             items = list(self._running.values())
             self._running.clear()
         for item in items:
             if self.metrics:
-                self.metrics.generations.inc(item.kind, "error")
+                self.metrics.generations.inc(item.kind, outcome)
             item.fail(error)
 
     # ------------------------------------------------------------------------------------------- process
+
+    def _kill(self, reason: str) -> None:
+        """Kill a stalled worker (SIGKILL reaches a stopped process too) and record why."""
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5.0)
+        if self.metrics:
+            self.metrics.worker_stalls.inc()
+        self._worker_lost(reason)
 
     def _send_cancel(self, msg: str) -> None:
         """Write to the cancel pipe (caller holds the lock); a dead worker needs no message."""

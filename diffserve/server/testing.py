@@ -160,3 +160,32 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
         if line.startswith(prefix):
             return float(line[len(prefix):])
     return 0.0
+
+
+def stub_app(output_dir: Path, defaults: Any, *, answer: bool = True, **config: Any) -> tuple[Any, Any, list]:
+    """The real app (FastAPI's TestClient) over a runtime whose worker is a stub: the model's `defaults`
+    (a ModelDefaults) are known at once, no process is started. Submitted work items are recorded in the
+    returned list and, with `answer`, answered at once with one b"img" blob per output; without it they wait
+    in the real queue. `config`: ServerConfig fields. Returns (client, runtime, items)."""
+    from fastapi.testclient import TestClient
+
+    from diffserve.server.app import create_app
+    from diffserve.server.messages import ItemDone, Ready, WorkerConfig
+    from diffserve.server.runtime import Runtime, ServerConfig
+
+    rt = Runtime(ServerConfig(worker=WorkerConfig("stub"), model_id="stub", output_dir=output_dir, **config))
+    rt.outputs.open()
+    rt.supervisor.info = Ready(defaults=defaults, pipeline_class="Stub", device="cpu", dtype="float32", pid=0)
+    rt.supervisor.state = "ready"
+    items: list = []
+    queue = rt.submit
+
+    def submit(item: Any) -> None:
+        items.append(item)
+        if not answer:
+            queue(item)
+            return
+        item.future.set_result(ItemDone(0, item.id, blobs=[b"img"] * item.n, seed=item.request.seed))
+
+    rt.submit = submit  # type: ignore[method-assign]
+    return TestClient(create_app(rt)), rt, items

@@ -1,21 +1,27 @@
 """The model worker: a separate process that builds the `Engine` once and runs the batches the front sends.
 
-A batch runs as one `engine.generate_batch` call. Progress goes back after every denoising step. A batch
+A batch runs as one `engine.generate_batch` call, its input images decoded here from the compressed bytes
+the front queued. Progress goes back after every denoising step, and a thread of its own sends a
+`Heartbeat` every `WorkerConfig.heartbeat_s` (the front kills a worker whose heartbeats stop). A batch
 that raises is retried one request at a time, so a request that fails (CUDA out-of-memory included)
 fails only itself. Cancellation arrives on its own pipe and is checked at every step boundary: the batch
 stops once every request in it is cancelled (a cancelled request inside a batch that goes on is dropped
-when the batch ends, its files never written). The worker also stops a batch when the front process dies.
+when the batch ends, never encoded). The worker also stops a batch when the front process dies. Outputs go
+back encoded (PNG/JPEG/WebP/MP4 bytes); the front writes the files.
 
 Fault injection (tests only, `WorkerConfig.fault_injection`; `diffserve serve` sets it when the environment
 has DIFFSERVE_SERVER_FAULT_INJECTION=1): a prompt starting with ``__fault_oom__`` raises
-`torch.OutOfMemoryError` at the first denoising step, and ``__fault_error__`` a RuntimeError, from inside the
-real denoising loop.
+`torch.OutOfMemoryError` at the first denoising step, ``__fault_error__`` a RuntimeError, from inside the
+real denoising loop, and ``__fault_hang__`` blocks the first step forever (heartbeats go on: a hang the
+batch deadline must catch); loading fails while the file `WorkerConfig.fail_load_marker` exists.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from multiprocessing.connection import Connection
 
 import torch
@@ -25,6 +31,8 @@ from diffserve.server.messages import (
     CANCEL_ALL,
     BatchDone,
     BatchTask,
+    EncodedImage,
+    Heartbeat,
     ItemDone,
     ItemError,
     LoadFailed,
@@ -35,6 +43,29 @@ from diffserve.server.messages import (
 )
 
 CANCELLED = ItemError(499, "the request was cancelled", type="invalid_request_error", code="cancelled")
+
+
+class EventPipe:
+    """The event pipe to the front, shared by the main thread and the heartbeat thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, msg: object) -> None:
+        with self._lock:
+            self.conn.send(msg)
+
+
+def _beat(events: EventPipe, interval_s: float) -> None:
+    """Send a Heartbeat every `interval_s` until the pipe closes (daemon thread)."""
+    pid = os.getpid()
+    while True:
+        try:
+            events.send(Heartbeat(pid))
+        except (BrokenPipeError, EOFError, OSError):
+            return
+        time.sleep(interval_s)
 
 
 class CancelWatch:
@@ -98,12 +129,24 @@ def _inject_fault(items: list[TaskItem]) -> None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected fault)")
         if it.request.prompt.startswith("__fault_error__"):
             raise RuntimeError("injected fault")
+        if it.request.prompt.startswith("__fault_hang__"):
+            threading.Event().wait()  # forever: only a kill ends it
+
+
+def _decoded(item: TaskItem) -> object:
+    """The item's request with its input images decoded (the queue carries them compressed)."""
+    req = item.request
+    if isinstance(req.image, EncodedImage):
+        return req.replace(image=req.image.decode())
+    if isinstance(req.image, (list, tuple)) and any(isinstance(im, EncodedImage) for im in req.image):
+        return req.replace(image=[im.decode() if isinstance(im, EncodedImage) else im for im in req.image])
+    return req
 
 
 class BatchRunner:
     """Runs batches on the engine and reports each item's outcome on the event pipe."""
 
-    def __init__(self, engine: object, events: Connection, cancels: CancelWatch, fault_injection: bool) -> None:
+    def __init__(self, engine: object, events: EventPipe, cancels: CancelWatch, fault_injection: bool) -> None:
         self.engine = engine
         self.events = events
         self.cancels = cancels
@@ -136,10 +179,10 @@ class BatchRunner:
             self.events.send(Progress(task.batch_id, ids, done, total))
 
         try:
+            requests = [_decoded(it) for it in live]
             with torch.inference_mode():
                 results = self.engine.generate_batch(  # type: ignore[attr-defined]
-                    [it.request for it in live], on_step=on_step,
-                    should_stop=lambda: self.cancels.all_cancelled(ids))
+                    requests, on_step=on_step, should_stop=lambda: self.cancels.all_cancelled(ids))
         except CancelledError:
             for it in live:
                 self._fail(task, it, CANCELLED)
@@ -157,8 +200,8 @@ class BatchRunner:
             self._deliver(task, it, res)
 
     def _deliver(self, task: BatchTask, it: TaskItem, res: object) -> None:
-        """Encode (or write) one item's outputs and report them."""
-        from diffserve.media import encode_image, encode_video, write_images, write_videos
+        """Encode one item's outputs and report them."""
+        from diffserve.media import encode_image, encode_video
 
         if self.cancels.cancelled(it.item_id):
             self._fail(task, it, CANCELLED)
@@ -168,21 +211,11 @@ class BatchRunner:
         try:
             videos, images = res.videos, res.images  # type: ignore[attr-defined]
             fps = int(res.fps or 16)  # type: ignore[attr-defined]
-            if spec.paths is not None:
-                for i, path in enumerate(spec.paths):
-                    if videos:
-                        write_videos([videos[i]], fmt=spec.fmt, fps=fps, output_path=path, unique=False)
-                    else:
-                        write_images([images[i]], fmt=spec.fmt, output_path=path, quality=spec.quality,
-                                     unique=False)
-                    done.paths.append(path)
-            elif videos:
+            if videos:
                 done.blobs = [encode_video(v, spec.fmt, fps) for v in videos]
             else:
                 done.blobs = [encode_image(im, spec.fmt, spec.quality) for im in images]
         except Exception as e:  # noqa: BLE001
-            for path in done.paths:
-                path.unlink(missing_ok=True)
             self._fail(task, it, classify(e))
             return
         self.events.send(done)
@@ -198,10 +231,13 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def _load(cfg: WorkerConfig, events: Connection) -> object | None:
+def _load(cfg: WorkerConfig, events: EventPipe) -> object | None:
     """Build the engine and announce it (Ready), or report why it could not be built (LoadFailed)."""
     from diffserve.engine.entry import Engine
 
+    if cfg.fault_injection and cfg.fail_load_marker and os.path.exists(cfg.fail_load_marker):
+        events.send(LoadFailed("injected load failure", user_error=False))
+        return None
     try:
         engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,
                                         attention_backend=cfg.attention_backend, compile=cfg.compile,
@@ -222,11 +258,13 @@ def _load(cfg: WorkerConfig, events: Connection) -> object | None:
 def worker_main(cfg: WorkerConfig, tasks: Connection, events: Connection, cancels: Connection) -> None:
     """Entry point of the worker process (multiprocessing spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the front decides
+    pipe = EventPipe(events)
+    threading.Thread(target=_beat, args=(pipe, cfg.heartbeat_s), name="diffserve-heartbeat", daemon=True).start()
     _quiet_libraries()
-    engine = _load(cfg, events)
+    engine = _load(cfg, pipe)
     if engine is None:
         return
-    _serve(BatchRunner(engine, events, CancelWatch(cancels), cfg.fault_injection), tasks)
+    _serve(BatchRunner(engine, pipe, CancelWatch(cancels), cfg.fault_injection), tasks)
     close = getattr(engine, "close", None)  # a multi-GPU engine stops its rank processes
     if close is not None:
         close()
