@@ -1,4 +1,5 @@
-"""Qwen-Image (text -> image) and Qwen-Image-Edit (image + text -> image), as lists of stages.
+"""Qwen-Image (text -> image), Qwen-Image-Edit and Qwen-Image-Edit-2509 (image(s) + text -> image), as lists
+of stages.
 
 Recipe: the prompt in Qwen-Image's chat template through Qwen2.5-VL (last hidden state; the template's
 system turn, 34 tokens, is dropped and each prompt keeps only its real tokens, re-padded to the batch's
