@@ -1,10 +1,18 @@
 """Command-line arguments shared by `diffserve generate` (`diffserve.cli`) and `diffserve serve`
 (`diffserve.server.cli`): which model to load and how. `diffserve.parallel.mesh.parallel_config_from_args`
-reads the multi-GPU group back."""
+reads the multi-GPU group back. Also the parser class of every subcommand (`SuggestingParser`: a mistyped
+flag gets a did-you-mean) and the busy-port check of `serve` (`check_port_free`)."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
+import re
+import socket
+from typing import NoReturn
+
+from diffserve.errors import UserError
 
 MODEL_DEFAULTS_HELP = """\
 model defaults (what a flag left out becomes; each reference pipeline's own):
@@ -49,3 +57,74 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--dp-size", type=int, default=1,
                      help="independent pipeline replicas behind one scheduler (default 1); "
                           "cfg x ring x ulysses = num-gpus / dp-size")
+
+
+def _words(flag: str) -> set[str]:
+    """A flag's words without plural s: --num-inference-steps -> {num, inference, step}."""
+    return {w.rstrip("s") for w in re.split(r"[-_]", flag.lstrip("-")) if w}
+
+
+def closest_flag(flag: str, known: list[str]) -> str | None:
+    """The known flag `flag` was probably meant to be: the shortest one holding all its words (--steps ->
+    --num-inference-steps), else the closest spelling (--promt -> --prompt), else None."""
+    words = _words(flag)
+    by_words = [k for k in known if words and words <= _words(k)]
+    if by_words:
+        return min(by_words, key=len)
+    close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
+class SuggestingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors name the closest known flag for each unknown one it was given, and the
+    closest choice for an invalid one ("did you mean ...?"). Subparsers made from it are of this class too."""
+
+    _given: tuple[str, ...] = ()  # the arguments of the latest parse
+    subcommands: dict[str, argparse.ArgumentParser]  # the top-level parser's, by name (set by its builder)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        import sys
+
+        self._given = tuple(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def unknown_flags(self) -> list[str]:
+        """The --flags given to this parser that name none of its options (a unique prefix names one)."""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        out = []
+        for token in self._given:
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--") and flag != "--" and not any(k.startswith(flag) for k in known):
+                out.append(flag)
+        return out
+
+    def suggestions(self, message: str) -> str:
+        """"; did you mean ...?" hints for `message` (empty when there are none)."""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        pairs = [(best, flag) for flag in self.unknown_flags() if (best := closest_flag(flag, known))]
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = [c.strip(" '") for c in choice.group(2).split(",")]
+            close = difflib.get_close_matches(choice.group(1), options, n=1, cutoff=0.6)
+            pairs += [(close[0], choice.group(1))] if close else []
+        if len(pairs) == 1:
+            return f"; did you mean {pairs[0][0]}?"
+        return "; did you mean " + ", ".join(f"{best} (for {given})" for best, given in pairs) + "?" if pairs else ""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(message + self.suggestions(message))
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise a one-line UserError when `host:port` cannot be listened on: a port in use (another server), or
+    an address that is not this machine's. Binds as uvicorn does (SO_REUSEADDR), then lets go."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is already in use (another diffserve serve?); stop that "
+                                f"server or choose another --port") from None
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

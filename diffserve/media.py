@@ -5,7 +5,7 @@ Output naming rule (one rule for images and videos):
 
 * ``output_path`` given and one output: exactly that path (an existing file there is replaced).
 * ``output_path`` given and several outputs: ``{stem}_{i}{suffix}`` next to it, e.g. ``cat.png`` ->
-  ``cat_0.png``, ``cat_1.png``.
+  ``cat_0.png``, ``cat_1.png``. A missing parent folder is created, as ``output_dir`` is.
 * ``output_dir`` given: ``{stem}-{YYYYmmdd-HHMMSS}-{6 hex}_{i}.{ext}`` inside it, so repeated runs never
   overwrite each other (pass ``unique=False`` to use ``{stem}_{i}.{ext}`` as given).
 * Format ``frames`` writes a folder of ``frame_00000.png`` ... per video; the rules above name the folder.
@@ -13,25 +13,31 @@ Output naming rule (one rule for images and videos):
 
 Every file is written under a temporary name in its destination folder and ``os.replace``-d into place,
 and a call that fails part-way removes what it already wrote, so nothing is left half-written.
+
+Outputs remember how they were made (`generation_metadata`: prompt, negative prompt, seed, steps, guidance,
+size, model, frames and fps): PNG text chunks (also each PNG of a frames folder), MP4 metadata tags, the
+JSON of it as the JPEG / GIF comment. WebP carries none. `read_metadata` reads it back.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
+from diffserve.config import GenerationRequest
 from diffserve.errors import InvalidRequestError, OutputError
 
 # Image input lives in diffserve.image_input; re-exported here for callers of diffserve.media.
@@ -83,6 +89,9 @@ _MP4_PRESET = "medium"
 
 
 _T = TypeVar("_T")
+
+Metadata = Mapping[str, str]
+"""What an output file records about its generation (`generation_metadata`)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -195,6 +204,67 @@ def to_video_frames(pixels: torch.Tensor) -> list[np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------------------------
+
+
+def generation_metadata(request: GenerationRequest, model: str | None = None) -> dict[str, str]:
+    """What an output records of the (resolved) request that made it, as strings: prompt, negative_prompt
+    (when given), seed, steps, guidance_scale, size (WxH), model (when known), frames and fps (videos), and
+    the software. Written by `encode_image` / `encode_video` / `write_*` when passed as `metadata`."""
+    r = request
+    out = {"prompt": r.prompt}
+    if r.negative_prompt is not None:
+        out["negative_prompt"] = r.negative_prompt
+    fields = {"seed": r.seed, "steps": r.num_inference_steps, "guidance_scale": r.guidance_scale,
+              "size": f"{r.width}x{r.height}" if r.width is not None and r.height is not None else None,
+              "model": model, "frames": r.num_frames, "fps": r.fps}
+    out.update({k: str(v) for k, v in fields.items() if v is not None})
+    out["software"] = _software()
+    return out
+
+
+def _software() -> str:
+    """diffserve and its installed version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"diffserve {version('diffserve')}"
+    except PackageNotFoundError:
+        return "diffserve"
+
+
+def _metadata_json(metadata: Metadata) -> str:
+    return json.dumps(dict(metadata), ensure_ascii=False, sort_keys=True)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The generation metadata of an output file (PNG text chunks, MP4 tags, JPEG/GIF comment); empty when
+    it has none."""
+    p = Path(path)
+    if p.suffix.lower() == ".mp4":
+        import av
+
+        with av.open(str(p)) as container:
+            tags = dict(container.metadata)
+        return {k: v for k, v in tags.items() if k not in _CONTAINER_TAGS}
+    with Image.open(p) as im:
+        if im.format == "PNG":
+            return dict(im.text)  # type: ignore[attr-defined]
+        comment = im.info.get("comment")
+    if not comment:
+        return {}
+    try:
+        parsed = json.loads(comment.decode() if isinstance(comment, bytes) else comment)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return {str(k): str(v) for k, v in parsed.items()} if isinstance(parsed, dict) else {}
+
+
+_CONTAINER_TAGS = ("major_brand", "minor_version", "compatible_brands", "encoder")  # written by the muxer
+
+
+# --------------------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------------------
 
@@ -215,17 +285,24 @@ def _check_fps(fps: int) -> int:
     return fps
 
 
-def encode_image(image: Image.Image, fmt: str, quality: int = 95) -> bytes:
-    """One still image -> PNG (lossless; quality ignored), JPEG or WebP bytes at `quality` (0-100)."""
+def encode_image(image: Image.Image, fmt: str, quality: int = 95, metadata: Metadata | None = None) -> bytes:
+    """One still image -> PNG (lossless; quality ignored), JPEG or WebP bytes at `quality` (0-100);
+    `metadata` goes into PNG text chunks or the JPEG comment (WebP: not written)."""
     name = normalize_format(fmt, "image")
     _check_quality(quality)
     buf = io.BytesIO()
     if name == "png":
-        image.save(buf, format="PNG")
+        info = None
+        if metadata:
+            info = PngImagePlugin.PngInfo()
+            for key, value in metadata.items():
+                info.add_text(key, value)  # iTXt (UTF-8) where the value is not Latin-1
+        image.save(buf, format="PNG", pnginfo=info)
     elif name == "jpeg":
         rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        extra = {"comment": _metadata_json(metadata).encode()} if metadata else {}
         # Full-resolution chroma at high quality: 4:2:0 visibly smears saturated edges.
-        rgb.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+        rgb.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **extra)
     else:
         src = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
         src.save(buf, format="WEBP", quality=quality, method=4)
@@ -240,10 +317,11 @@ def _as_frames(frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return arr
 
 
-def encode_video(frames: np.ndarray, fmt: str, fps: int) -> bytes:
+def encode_video(frames: np.ndarray, fmt: str, fps: int, metadata: Metadata | None = None) -> bytes:
     """A (F,H,W,3) uint8 video -> mp4 (H.264, yuv420p, BT.709; odd sizes padded by one edge pixel to even),
     GIF or animated WebP bytes, looping forever. Consecutive identical frames may be merged by the GIF/WebP
-    writers (the play time stays the same). Format "frames" is a folder, not bytes: use `write_video`."""
+    writers (the play time stays the same). `metadata`: MP4 tags, or the GIF comment (WebP: not written).
+    Format "frames" is a folder, not bytes: use `write_video`."""
     name = normalize_format(fmt, "video")
     if name == "frames":
         raise InvalidRequestError("format 'frames' writes a folder of PNG files and has no single-file form; "
@@ -251,8 +329,8 @@ def encode_video(frames: np.ndarray, fmt: str, fps: int) -> bytes:
     _check_fps(fps)
     arr = _as_frames(frames)
     if name == "mp4":
-        return _encode_mp4(arr, fps)
-    return _encode_animated(arr, fps, _PIL_FORMAT[name])
+        return _encode_mp4(arr, fps, metadata)
+    return _encode_animated(arr, fps, _PIL_FORMAT[name], metadata)
 
 
 def pad_to_even(frames: np.ndarray) -> np.ndarray:
@@ -263,7 +341,7 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
-def _encode_mp4(frames: np.ndarray, fps: int) -> bytes:
+def _encode_mp4(frames: np.ndarray, fps: int, metadata: Metadata | None = None) -> bytes:
     """H.264 mp4 via PyAV, with the index ("moov") up front so browsers can start playing while downloading.
 
     Encoded through a temporary file because the faststart pass re-reads the output, which an in-memory
@@ -275,7 +353,10 @@ def _encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     _, h, w, _ = frames.shape
     with tempfile.TemporaryDirectory(prefix="diffserve-mp4-") as tmp:
         path = os.path.join(tmp, "video.mp4")
-        with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+        # use_metadata_tags: any key is written (as an mdta tag), not only the iTunes ones
+        flags = "+faststart+use_metadata_tags" if metadata else "+faststart"
+        with av.open(path, mode="w", format="mp4", options={"movflags": flags}) as container:
+            container.metadata.update(metadata or {})
             stream = container.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             stream.options = {"crf": _MP4_CRF, "preset": _MP4_PRESET}
@@ -292,7 +373,7 @@ def _encode_mp4(frames: np.ndarray, fps: int) -> bytes:
             return f.read()
 
 
-def _encode_animated(frames: np.ndarray, fps: int, pil_format: str) -> bytes:
+def _encode_animated(frames: np.ndarray, fps: int, pil_format: str, metadata: Metadata | None = None) -> bytes:
     """Looping GIF (per-frame 256-colour palette, 10 ms timing steps) or animated lossy WebP via Pillow.
 
     GIF frames are quantized with fast octree: Pillow's default (median cut) is ~200x slower on large frames
@@ -301,7 +382,9 @@ def _encode_animated(frames: np.ndarray, fps: int, pil_format: str) -> bytes:
     if pil_format == "GIF":
         images = [im.quantize(256, method=Image.Quantize.FASTOCTREE) for im in images]
     duration_ms = max(1, round(1000 / fps))
-    extra = {"quality": _ANIMATED_WEBP_QUALITY, "method": 4} if pil_format == "WEBP" else {}
+    extra: dict[str, object] = {"quality": _ANIMATED_WEBP_QUALITY, "method": 4} if pil_format == "WEBP" else {}
+    if pil_format == "GIF" and metadata:
+        extra["comment"] = _metadata_json(metadata).encode()
     buf = io.BytesIO()
     images[0].save(buf, format=pil_format, save_all=True, append_images=images[1:], duration=duration_ms,
                    loop=0, **extra)
@@ -349,8 +432,9 @@ def _check_suffix(path: Path, fmt: str) -> None:
                                   f"with {' or '.join(expected)} or choose the matching format", param="output_path")
 
 
-def _numbered_paths(output_path: Path, count: int, fmt: str) -> list[Path]:
-    """Targets for `count` outputs named by one output_path (see the module docstring)."""
+def numbered_paths(output_path: Path, count: int, fmt: str) -> list[Path]:
+    """Targets for `count` outputs named by one output_path: itself for one, else stem_0, stem_1 ... beside
+    it (see the module docstring)."""
     if count == 1:
         return [output_path]
     if fmt == "frames":
@@ -361,12 +445,13 @@ def _numbered_paths(output_path: Path, count: int, fmt: str) -> list[Path]:
 def check_output_target(*, fmt: str, output_dir: Path | None, output_path: Path | None, count: int,
                         kind: Kind | None = None) -> None:
     """Validate BEFORE any model work: the format is accepted for the kind of output, the output dir is
-    creatable/writable (create it), an output_path's parent exists and is writable, output_path's suffix agrees
+    creatable/writable (create it), an output_path's parent is too (created), output_path's suffix agrees
     with fmt (see `format_from_path` to infer fmt from it), and where count > 1 output_path names
     stem_0, stem_1 ... beside it. Raise OutputError/InvalidRequestError with a one-line message.
 
     `kind` ("image"/"video") narrows the accepted formats; None accepts any image or video format. Giving
-    neither output_dir nor output_path (bytes returned to the caller) only checks the format."""
+    neither output_dir nor output_path (bytes returned to the caller) only checks the format. A missing
+    folder (output_dir, or output_path's parent) is created."""
     name = normalize_format(fmt, kind)
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
@@ -377,8 +462,8 @@ def check_output_target(*, fmt: str, output_dir: Path | None, output_path: Path 
     if output_path is not None:
         path = as_path(output_path)
         _check_suffix(path, name)
-        _ensure_writable_dir(path.parent, create=False, param="output_path")
-        for target in _numbered_paths(path, count, name):
+        _ensure_writable_dir(path.parent, create=True, param="output_path")
+        for target in numbered_paths(path, count, name):
             _check_target_free(target, name)
 
 
@@ -405,7 +490,7 @@ def _target_paths(*, fmt: str, count: int, output_dir: Path | None, output_path:
                   unique: bool) -> list[Path]:
     """Where `count` outputs go (see the module docstring for the naming rule)."""
     if output_path is not None:
-        return _numbered_paths(as_path(output_path), count, fmt)
+        return numbered_paths(as_path(output_path), count, fmt)
     if output_dir is None:
         raise ValueError("writing outputs needs output_dir or output_path")
     if not stem or stem in (".", "..") or Path(stem).name != stem or "\\" in stem:
@@ -484,30 +569,45 @@ def _write_all(paths: list[Path], payloads: list[_T], write: Callable[[Path, _T]
     return written
 
 
+def _per_output(metadata: Metadata | Sequence[Metadata | None] | None, count: int) -> list[Metadata | None]:
+    """`metadata` for each of `count` outputs: one mapping for all, or one (or None) per output."""
+    if metadata is None or isinstance(metadata, Mapping):
+        return [metadata] * count
+    items = list(metadata)
+    if len(items) != count:
+        raise ValueError(f"metadata: {len(items)} entries for {count} outputs")
+    return items
+
+
 def write_images(images: list[Image.Image], *, fmt: str, output_dir: Path | None = None,
                  output_path: Path | None = None, stem: str = "image", quality: int = 95,
-                 unique: bool = True) -> list[Path]:
+                 unique: bool = True, metadata: Metadata | Sequence[Metadata | None] | None = None) -> list[Path]:
     """Encode and write still images; returns their paths in order. All images are encoded before any file is
-    written, and a write failure removes the files written so far (naming rule: module docstring)."""
+    written, and a write failure removes the files written so far (naming rule: module docstring).
+    `metadata`: one mapping for every image or one per image (`generation_metadata`; see `encode_image`)."""
     if not images:
         raise ValueError("write_images needs at least one image")
     name = normalize_format(fmt, "image")
     check_output_target(fmt=name, output_dir=output_dir, output_path=output_path, count=len(images), kind="image")
     paths = _target_paths(fmt=name, count=len(images), output_dir=output_dir, output_path=output_path,
                           stem=stem, unique=unique)
-    payloads = [encode_image(im, name, quality) for im in images]
+    metas = _per_output(metadata, len(images))
+    payloads = [encode_image(im, name, quality, meta) for im, meta in zip(images, metas, strict=True)]
     return _write_all(paths, payloads, _write_bytes_atomic)
 
 
-def _frame_files(frames: np.ndarray) -> list[tuple[str, bytes]]:
-    """A video as (frame_00000.png, PNG bytes) pairs."""
-    return [(f"frame_{i:05d}.png", encode_image(Image.fromarray(f), "png")) for i, f in enumerate(frames)]
+def _frame_files(frames: np.ndarray, metadata: Metadata | None = None) -> list[tuple[str, bytes]]:
+    """A video as (frame_00000.png, PNG bytes) pairs, each PNG with `metadata`."""
+    return [(f"frame_{i:05d}.png", encode_image(Image.fromarray(f), "png", metadata=metadata))
+            for i, f in enumerate(frames)]
 
 
 def write_videos(videos: Sequence[np.ndarray], *, fmt: str, fps: int, output_dir: Path | None = None,
-                 output_path: Path | None = None, stem: str = "video", unique: bool = True) -> list[Path]:
+                 output_path: Path | None = None, stem: str = "video", unique: bool = True,
+                 metadata: Metadata | Sequence[Metadata | None] | None = None) -> list[Path]:
     """Encode and write several (F,H,W,3) uint8 videos; returns their paths (folders for "frames"). All are
-    encoded before anything is written; a write failure removes what this call wrote."""
+    encoded before anything is written; a write failure removes what this call wrote. `metadata`: one
+    mapping for every video or one per video (see `encode_video`)."""
     if not videos:
         raise ValueError("write_videos needs at least one video")
     name = normalize_format(fmt, "video")
@@ -515,17 +615,19 @@ def write_videos(videos: Sequence[np.ndarray], *, fmt: str, fps: int, output_dir
     check_output_target(fmt=name, output_dir=output_dir, output_path=output_path, count=len(videos), kind="video")
     paths = _target_paths(fmt=name, count=len(videos), output_dir=output_dir, output_path=output_path,
                           stem=stem, unique=unique)
+    metas = _per_output(metadata, len(videos))
     if name == "frames":
-        folders = [_frame_files(_as_frames(v)) for v in videos]
+        folders = [_frame_files(_as_frames(v), meta) for v, meta in zip(videos, metas, strict=True)]
         return _write_all(paths, folders, _write_dir_atomic)
-    blobs = [encode_video(v, name, fps) for v in videos]
+    blobs = [encode_video(v, name, fps, meta) for v, meta in zip(videos, metas, strict=True)]
     return _write_all(paths, blobs, _write_bytes_atomic)
 
 
 def write_video(frames: np.ndarray, *, fmt: str, fps: int, output_dir: Path | None = None,
-                output_path: Path | None = None, stem: str = "video", unique: bool = True) -> Path:
+                output_path: Path | None = None, stem: str = "video", unique: bool = True,
+                metadata: Metadata | None = None) -> Path:
     """Encode and write one (F,H,W,3) uint8 video; fmt "frames" -> a folder of PNGs (frame_00000.png ...),
     and the folder is returned."""
     return write_videos([frames], fmt=fmt, fps=fps, output_dir=output_dir, output_path=output_path, stem=stem,
-                        unique=unique)[0]
+                        unique=unique, metadata=metadata)[0]
 

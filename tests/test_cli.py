@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -30,7 +31,45 @@ def test_generate_writes_images(flux_dev_repo: Path, tmp_path: Path) -> None:
     written = [Path(line) for line in proc.stdout.split()]
     assert len(written) == 2 and all(p.suffix == ".webp" and p.is_file() for p in written)
     assert Image.open(written[0]).size == (48, 32)
-    assert "denoising" in proc.stderr and "seed 5" in proc.stderr and "text_encoding" in proc.stderr
+    assert "denoising" in proc.stderr and "text_encoding" in proc.stderr
+    assert f"seed 5: {written[0]}" in proc.stderr and f"seed 6: {written[1]}" in proc.stderr  # one seed each
+
+
+def test_prompt_file_numbered_output_path_and_metadata(flux_dev_repo: Path, tmp_path: Path, capsys) -> None:
+    from diffserve.media import read_metadata
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a red circle\n\n{"prompt": "a blue square", "seed": 7, "num_outputs": 2, "width": 48}\n')
+    common = ["--model-path", str(flux_dev_repo), "--height", "32", "--width", "32", "--num-inference-steps", "1",
+              "--dtype", "fp32"]
+    target = tmp_path / "new" / "x.png"  # its folder does not exist yet
+    assert main(["generate", *common, "--prompt-file", str(prompts), "--seed", "3", "--output-path", str(target)]) == 0
+    out, err = capsys.readouterr()
+    paths = [Path(line) for line in out.split()]
+    assert paths == [tmp_path / "new" / f"x_{i}.png" for i in range(3)]
+    assert all(f"seed {s}: {p}" in err for s, p in zip((3, 7, 8), paths))
+    metas = [read_metadata(p) for p in paths]
+    assert [(m["prompt"], m["seed"], m["size"]) for m in metas] == [
+        ("a red circle", "3", "32x32"), ("a blue square", "7", "48x32"), ("a blue square", "8", "48x32")]
+    assert metas[0]["steps"] == "1" and metas[0]["model"] == flux_dev_repo.name
+    # any output is made again alone from its printed seed; --no-metadata leaves the file bare
+    again = tmp_path / "again.png"
+    assert main(["generate", *common, "--width", "48", "--prompt", "a blue square", "--seed", "8", "--output-path",
+                 str(again), "--no-metadata"]) == 0
+    a, b = (np.asarray(Image.open(p), dtype=int) for p in (again, paths[2]))
+    assert np.abs(a - b).max() <= 1 and read_metadata(again) == {}
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["--promt", "x"], "did you mean --prompt?"),
+    (["--prompt", "x", "--steps", "4"], "did you mean --num-inference-steps?"),
+    (["--prompt", "x", "--output-format", "pgn"], "did you mean png?"),
+])
+def test_mistyped_flag_gets_a_did_you_mean(args: list[str], hint: str, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *args])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(hint)
 
 
 def test_generate_help_documents_every_flag(capsys) -> None:
@@ -40,7 +79,7 @@ def test_generate_help_documents_every_flag(capsys) -> None:
     text = capsys.readouterr().out
     for flag in ("--model-path", "--prompt", "--negative-prompt", "--height", "--width", "--num-inference-steps",
                  "--guidance-scale", "--seed", "--num-outputs", "--output-dir", "--output-path", "--output-format",
-                 "--dtype", "--device", "--num-frames", "--fps", "--image-path"):
+                 "--dtype", "--device", "--num-frames", "--fps", "--image-path", "--prompt-file", "--no-metadata"):
         assert flag in text
 
 

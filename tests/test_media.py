@@ -220,11 +220,11 @@ def test_encoder_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     calls = {"n": 0}
     real = media.encode_image
 
-    def flaky(image: Image.Image, fmt: str, quality: int = 95) -> bytes:
+    def flaky(image: Image.Image, fmt: str, quality: int = 95, metadata: dict | None = None) -> bytes:
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("encoder exploded")
-        return real(image, fmt, quality)
+        return real(image, fmt, quality, metadata)
 
     monkeypatch.setattr(media, "encode_image", flaky)
     with pytest.raises(RuntimeError):
@@ -235,7 +235,7 @@ def test_encoder_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
         write_video(_video(3), fmt="frames", fps=8, output_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
-    def broken_video(frames: np.ndarray, fmt: str, fps: int) -> bytes:
+    def broken_video(frames: np.ndarray, fmt: str, fps: int, metadata: dict | None = None) -> bytes:
         raise RuntimeError("encoder exploded")
 
     monkeypatch.setattr(media, "encode_video", broken_video)
@@ -292,8 +292,8 @@ def test_check_output_target_errors(tmp_path: Path) -> None:
         check_output_target(fmt="png", output_dir=None, output_path=tmp_path / "x.jpg", count=1)
     with pytest.raises(InvalidRequestError, match="no extension"):
         check_output_target(fmt="png", output_dir=None, output_path=tmp_path / "x", count=1)
-    with pytest.raises(OutputError, match="does not exist"):
-        check_output_target(fmt="png", output_dir=None, output_path=tmp_path / "missing" / "x.png", count=1)
+    check_output_target(fmt="png", output_dir=None, output_path=tmp_path / "missing" / "x.png", count=1)
+    assert (tmp_path / "missing").is_dir()  # a missing parent is created, as an output folder is
     with pytest.raises(OutputError, match="not a folder"):
         check_output_target(fmt="png", output_dir=None, output_path=a_file / "x.png", count=1)
     with pytest.raises(InvalidRequestError, match="not both"):

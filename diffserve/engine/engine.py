@@ -7,18 +7,28 @@ is a `LocalEngine` itself.
 
 from __future__ import annotations
 
+import os
 import resource
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 import torch
 
-from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device
+from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_device
 from diffserve.layers.attention import AttentionOp, default_backend
 from diffserve.models.loader import read_model_index, resolve_model_path
 from diffserve.pipelines.base import ComposedPipeline, PipelineState, StepCallback
 from diffserve.pipelines.registry import build_pipeline
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+StopCheck = Callable[[], bool]
 
 
 @dataclass
@@ -30,6 +40,7 @@ class GenerationResult:
     videos: list[np.ndarray] = field(default_factory=list)  # (F, H, W, 3) uint8 per video (video models)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
     peak_memory_bytes: int | None = None  # CUDA peak allocated on GPU; peak RSS of the process on CPU
+    model: str | None = None  # the model's name (hub id or folder name), recorded by `save`
 
     @property
     def seed(self) -> int:
@@ -39,8 +50,138 @@ class GenerationResult:
     def fps(self) -> int | None:
         return self.request.fps
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What `save` writes into the files: prompt, negative prompt, seed, steps, guidance, size, model
+        (frames and fps for videos)."""
+        from diffserve.media import generation_metadata
 
-class LocalEngine:
+        return generation_metadata(self.request, self.model)
+
+    def save(self, path: str | os.PathLike[str], *, format: str | None = None, metadata: bool = True,
+             quality: int = 95) -> list[Path]:
+        """Write the outputs to `path`, in the format its extension names (images: .png .jpg .webp; videos:
+        .mp4 .gif .webp; `format="frames"`: a folder of PNGs per video). Several outputs go to NAME_0.EXT,
+        NAME_1.EXT ... beside it; a missing folder is created. With `metadata` the generation parameters
+        (`self.metadata`) are written into the files (PNG text chunks, MP4 tags, JPEG/GIF comment). Returns
+        the paths written (raises OutputError / InvalidRequestError with a one-line message)."""
+        from diffserve.media import resolve_format, write_images, write_videos
+
+        target = Path(path).expanduser()
+        meta = self.metadata if metadata else None
+        if self.videos:
+            fmt = resolve_format(format, target, "video")
+            return write_videos(self.videos, fmt=fmt, fps=int(self.fps or 16), output_path=target, metadata=meta)
+        fmt = resolve_format(format, target, "image")
+        return write_images(self.images, fmt=fmt, output_path=target, quality=quality, metadata=meta)
+
+
+def _as_image(source: object) -> object:
+    """A PIL image as is; a path, URL or data URI loaded (`diffserve.media.load_image`)."""
+    if isinstance(source, (str, os.PathLike)):
+        from diffserve.media import load_image
+
+        return load_image(os.fspath(source))
+    return source
+
+
+class ProgressBar:
+    """A tqdm bar over denoising steps, made at the first step (when the total is known); an `on_step`."""
+
+    def __init__(self, desc: str = "denoising") -> None:
+        self.desc, self.bar = desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class GenerateAPI:
+    """`generate` with typed keyword arguments over an engine's `generate_batch`."""
+
+    def generate_batch(self, requests: list[GenerationRequest], *, on_step: StepCallback | None = None,
+                       should_stop: StopCheck | None = None) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    @overload
+    def generate(self, prompt: str, *, negative_prompt: str | None = ..., height: int | None = ...,
+                 width: int | None = ..., num_inference_steps: int | None = ..., guidance_scale: float | None = ...,
+                 seed: int | None = ..., num_outputs: int = ..., num_frames: int | None = ..., fps: int | None = ...,
+                 image: object | None = ..., max_sequence_length: int | None = ...,
+                 progress: bool = ...,
+                 on_step: StepCallback | None = ..., should_stop: StopCheck | None = ...) -> GenerationResult: ...
+
+    @overload
+    def generate(self, prompt: Sequence[str], *, negative_prompt: str | None = ..., height: int | None = ...,
+                 width: int | None = ..., num_inference_steps: int | None = ..., guidance_scale: float | None = ...,
+                 seed: int | None = ..., num_outputs: int = ..., num_frames: int | None = ..., fps: int | None = ...,
+                 image: object | None = ..., max_sequence_length: int | None = ...,
+                 progress: bool = ...,
+                 on_step: StepCallback | None = ...,
+                 should_stop: StopCheck | None = ...) -> list[GenerationResult]: ...
+
+    def generate(self, prompt: str | Sequence[str], *, negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, num_outputs: int = 1,
+                 num_frames: int | None = None, fps: int | None = None,
+                 image: Image.Image | str | os.PathLike[str] | Sequence[Image.Image | str] | None = None,
+                 max_sequence_length: int | None = None, progress: bool = True,
+                 on_step: StepCallback | None = None,
+                 should_stop: StopCheck | None = None) -> GenerationResult | list[GenerationResult]:
+        """Generate images or videos; a field left as None gets the model's default (`engine.defaults`).
+
+        prompt: the text, or a list of texts denoised together as one batch (one result each).
+        negative_prompt: what to steer away from (models with classifier-free guidance).
+        height, width: output size in pixels (a multiple of `defaults.size_multiple`); image-conditioned
+            models whose size follows the input image fill what is left out from its aspect ratio.
+        num_inference_steps, guidance_scale: denoising steps (1-1000) and guidance (0-100).
+        seed: the random seed (None or -1: random; the one used is `result.seed`). With a list of prompts,
+            prompt i gets seed + i.
+        num_outputs: outputs per prompt (1-16), drawn from the one seed as diffusers' num_images_per_prompt.
+        num_frames, fps: video models only (frames 4k+1).
+        image: the input image of image-to-video and edit models: a PIL image, a file path, an http(s) URL
+            or a data URI (a list for models that take several).
+        max_sequence_length: text tokens (at most the model's).
+        progress: show a tqdm bar of the denoising steps on stderr.
+        on_step: called as on_step(steps_done, total_steps); should_stop: polled, True cancels.
+
+        Returns a `GenerationResult` (`.images` or `.videos`, `.seed`, `.timings`, `.save(path)`), or a list of
+        them for a list of prompts. Bad input raises InvalidRequestError naming the field."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        images = [_as_image(im) for im in image] if isinstance(image, (list, tuple)) else None
+        loaded = images if images is not None else (_as_image(image) if image is not None else None)
+        base = GenerationRequest(
+            prompt="", negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+            num_outputs=num_outputs, num_frames=num_frames, fps=fps, image=loaded,
+            max_sequence_length=max_sequence_length)
+        step_seed = seed is not None and seed != -1 and len(prompts) > 1
+        requests = [base.replace(prompt=p, seed=seed + i if step_seed else seed)  # type: ignore[operator]
+                    for i, p in enumerate(prompts)]
+        bar = ProgressBar() if progress else None
+
+        def steps(done: int, total: int) -> None:
+            if bar is not None:
+                bar(done, total)
+            if on_step is not None:
+                on_step(done, total)
+
+        try:
+            results = self.generate_batch(requests, on_step=steps, should_stop=should_stop)
+        finally:
+            if bar is not None:
+                bar.close()
+        return results[0] if isinstance(prompt, str) else results
+
+
+class LocalEngine(GenerateAPI):
     """One model in this process: load once, generate many times. Users hold it as its subclass
     `diffserve.Engine`; the ranks of a multi-process engine use it directly."""
 
@@ -52,9 +193,12 @@ class LocalEngine:
             dev = default_device()
             config = EngineConfig(model_path=resolve_model_arg(None, "image"), device=dev,
                                   dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        parse_device(config.device)  # a device that is not there: one line, before anything loads
         self.config = config
         root = resolve_model_path(config.model_path)
         self.model_root = root
+        # what saved outputs name as their model: the hub id as given, else the folder's name
+        self.model_name = root.name if Path(config.model_path).expanduser().exists() else config.model_path
         self.index = read_model_index(root)
         backend = config.attention_backend or default_backend(config.device)
         self.attention = AttentionOp(backend)
@@ -82,12 +226,6 @@ class LocalEngine:
         """Fill defaults and validate without running the model (raises InvalidRequestError)."""
         return self.pipeline.validate([request])[0]
 
-    def generate(self, prompt: str | None = None, *, on_step: StepCallback | None = None,
-                 should_stop=None, **params: object) -> GenerationResult:
-        """Generate from keyword sampling parameters (see GenerationRequest)."""
-        request = GenerationRequest(prompt=prompt if prompt is not None else "", **params)  # type: ignore[arg-type]
-        return self.generate_batch([request], on_step=on_step, should_stop=should_stop)[0]
-
     def generate_batch(self, requests: list[GenerationRequest], *, on_step: StepCallback | None = None,
                        should_stop=None) -> list[GenerationResult]:
         """Denoise compatible requests together as one batch; each keeps its own seed and outputs."""
@@ -108,7 +246,7 @@ class LocalEngine:
         for req in state.requests:
             px = state.pixels[offset: offset + req.num_outputs]
             offset += req.num_outputs
-            res = GenerationResult(request=req, timings=dict(timings), peak_memory_bytes=peak)
+            res = GenerationResult(request=req, timings=dict(timings), peak_memory_bytes=peak, model=self.model_name)
             if px.ndim == 5:
                 res.videos = to_video_frames(px)
             else:

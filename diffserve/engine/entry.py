@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from diffserve.config import EngineConfig, default_device, parse_dtype
+from diffserve.config import EngineConfig, default_device, parse_device, parse_dtype
 from diffserve.embedded import resolve_model_arg
 from diffserve.engine.engine import LocalEngine
 from diffserve.engine.parallel_engine import ParallelEngine, needs_parallel_engine
@@ -36,7 +36,7 @@ class Engine(LocalEngine):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
                                                   attention_backend=attention_backend, parallel=parallel,
                                                   fuse=fuse, vae_dtype=vae_dtype)
-        dev = torch.device(device) if device is not None else default_device()
+        dev = parse_device(device) if device is not None else default_device()
         dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
                                 compile=compile, fuse=fuse,
