@@ -45,6 +45,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "GELU inside the matrix multiply (default: on with --compile on CUDA)")
     g.add_argument("--vae-dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="VAE precision (default: the reference's: fp32 for Wan, the model dtype for FLUX)")
+    g.add_argument("--lora-path", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="a LoRA to apply at SCALE (default 1.0): a .safetensors file or a diffusers LoRA folder, in "
+                        "diffusers/PEFT, kohya or ComfyUI keys; repeat it to stack several. Requests name it by its "
+                        "file name (without .safetensors)")
+    g.add_argument("--lora-mode", choices=("merged", "unmerged"), default="merged",
+                   help="merged (default): LoRAs added into the weights at start-up (no cost per step); unmerged: "
+                        "kept as adapters each request may switch (its lora field) and more may be loaded later")
     par = p.add_argument_group("multi-GPU (docs/PARALLEL.md)")
     par.add_argument("--num-gpus", type=int, default=None,
                      help="processes / GPUs in all (default: the product of the settings below, else 1)")
@@ -57,6 +64,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--dp-size", type=int, default=1,
                      help="independent pipeline replicas behind one scheduler (default 1); "
                           "cfg x ring x ulysses = num-gpus / dp-size")
+
+
+def lora_options(args: argparse.Namespace) -> dict[str, object]:
+    """The LoRA keyword arguments of `Engine.from_pretrained` from parsed --lora-path / --lora-mode."""
+    from diffserve.lora.spec import LoraSpec
+
+    return {"loras": tuple(LoraSpec.parse(text) for text in args.lora_path or ()), "lora_mode": args.lora_mode}
 
 
 def _words(flag: str) -> set[str]:

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from diffserve.errors import InvalidRequestError, UserError
+from diffserve.lora.spec import LoraSet, LoraSpec
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -80,6 +81,10 @@ class EngineConfig:
     # Tiled VAE decoding for video models whose VAE supports it (HunyuanVideo): True/False, or None = tiled
     # only where the untiled decode is estimated not to fit the device's free memory.
     vae_tiling: bool | None = None
+    # LoRAs loaded at start-up (`diffserve.lora`), applied "merged" into the weights or as "unmerged" adapters
+    # that each request may switch (`GenerationRequest.lora`).
+    loras: tuple[LoraSpec, ...] = ()
+    lora_mode: str = "merged"
 
     @property
     def fusions_enabled(self) -> bool:
@@ -138,6 +143,9 @@ class GenerationRequest:
     fps: int | None = None
     image: object | None = None  # PIL image for image-conditioned models (a list for multi-image models)
     max_sequence_length: int | None = None
+    # LoRA adapters by name (a LoraSet, or what `LoraSet.parse` takes: "name", "name:0.8", a list, ...);
+    # None: the engine's start-up set, an empty list: none.
+    lora: object | None = None
 
     def replace(self, **changes: object) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
@@ -265,4 +273,5 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
     return req.replace(
         height=height, width=width, num_inference_steps=steps, guidance_scale=float(guidance),
         num_outputs=n, seed=seed_v, num_frames=frames, fps=fps, max_sequence_length=msl,
+        lora=LoraSet.parse(req.lora) if req.lora is not None else None,
     )

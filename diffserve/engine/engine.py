@@ -20,7 +20,10 @@ import numpy as np
 import torch
 
 from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_device
+from diffserve.errors import InvalidRequestError
 from diffserve.layers.attention import AttentionOp, default_backend
+from diffserve.lora.registry import LoraRegistry
+from diffserve.lora.spec import LoraSet, LoraSpec
 from diffserve.models.loader import read_model_index, resolve_model_path
 from diffserve.pipelines.base import ComposedPipeline, PipelineState, StepCallback
 from diffserve.pipelines.registry import build_pipeline
@@ -114,7 +117,7 @@ class GenerateAPI:
     def generate(self, prompt: str, *, negative_prompt: str | None = ..., height: int | None = ...,
                  width: int | None = ..., num_inference_steps: int | None = ..., guidance_scale: float | None = ...,
                  seed: int | None = ..., num_outputs: int = ..., num_frames: int | None = ..., fps: int | None = ...,
-                 image: object | None = ..., max_sequence_length: int | None = ...,
+                 image: object | None = ..., max_sequence_length: int | None = ..., lora: object | None = ...,
                  progress: bool = ...,
                  on_step: StepCallback | None = ..., should_stop: StopCheck | None = ...) -> GenerationResult: ...
 
@@ -122,7 +125,7 @@ class GenerateAPI:
     def generate(self, prompt: Sequence[str], *, negative_prompt: str | None = ..., height: int | None = ...,
                  width: int | None = ..., num_inference_steps: int | None = ..., guidance_scale: float | None = ...,
                  seed: int | None = ..., num_outputs: int = ..., num_frames: int | None = ..., fps: int | None = ...,
-                 image: object | None = ..., max_sequence_length: int | None = ...,
+                 image: object | None = ..., max_sequence_length: int | None = ..., lora: object | None = ...,
                  progress: bool = ...,
                  on_step: StepCallback | None = ...,
                  should_stop: StopCheck | None = ...) -> list[GenerationResult]: ...
@@ -132,7 +135,7 @@ class GenerateAPI:
                  guidance_scale: float | None = None, seed: int | None = None, num_outputs: int = 1,
                  num_frames: int | None = None, fps: int | None = None,
                  image: Image.Image | str | os.PathLike[str] | Sequence[Image.Image | str] | None = None,
-                 max_sequence_length: int | None = None, progress: bool = True,
+                 max_sequence_length: int | None = None, lora: object | None = None, progress: bool = True,
                  on_step: StepCallback | None = None,
                  should_stop: StopCheck | None = None) -> GenerationResult | list[GenerationResult]:
         """Generate images or videos; a field left as None gets the model's default (`engine.defaults`).
@@ -149,6 +152,8 @@ class GenerateAPI:
         image: the input image of image-to-video and edit models: a PIL image, a file path, an http(s) URL
             or a data URI (a list for models that take several).
         max_sequence_length: text tokens (at most the model's).
+        lora: LoRA adapters by name ("name", "name:0.8", a list of those, or a LoraSet; engines with
+            lora_mode="unmerged"); None: the engine's start-up LoRAs, []: none.
         progress: show a tqdm bar of the denoising steps on stderr.
         on_step: called as on_step(steps_done, total_steps); should_stop: polled, True cancels.
 
@@ -161,7 +166,7 @@ class GenerateAPI:
             prompt="", negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
             num_outputs=num_outputs, num_frames=num_frames, fps=fps, image=loaded,
-            max_sequence_length=max_sequence_length)
+            max_sequence_length=max_sequence_length, lora=lora)
         step_seed = seed is not None and seed != -1 and len(prompts) > 1
         requests = [base.replace(prompt=p, seed=seed + i if step_seed else seed)  # type: ignore[operator]
                     for i, p in enumerate(prompts)]
@@ -204,10 +209,17 @@ class LocalEngine(GenerateAPI):
         self.attention = AttentionOp(backend)
         self.pipeline: ComposedPipeline = build_pipeline(self.index, config, self.attention)
         transformer = self.pipeline.components.transformer  # type: ignore[union-attr]
+        # LoRAs (`diffserve.lora`): merged into the weights before the fusions, so fused projections include
+        # the updates; unmerged adapters wrap the layers after them (a fused projection carries its parts').
+        self.loras = LoraRegistry(transformer, config.lora_mode)
+        if config.loras and config.lora_mode == "merged":
+            self.loras.load_startup(config.loras)
         if config.fusions_enabled:
             from diffserve.engine.optimize import fuse_kernels
 
             fuse_kernels(transformer)
+        if config.loras and config.lora_mode == "unmerged":
+            self.loras.load_startup(config.loras)
         self.compiled_blocks = 0
         if config.compile:
             from diffserve.engine.optimize import compile_blocks
@@ -224,7 +236,28 @@ class LocalEngine(GenerateAPI):
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:
         """Fill defaults and validate without running the model (raises InvalidRequestError)."""
-        return self.pipeline.validate([request])[0]
+        request = self.pipeline.validate([request])[0]
+        self.loras.resolve(request.lora)
+        return request
+
+    def batch_lora(self, requests: list[GenerationRequest]) -> LoraSet:
+        """The one LoRA set a batch runs with (the engine's start-up set for requests that leave `lora` out);
+        InvalidRequestError when its requests ask for different sets."""
+        sets = {self.loras.resolve(r.lora) for r in requests}
+        if len(sets) > 1:
+            raise InvalidRequestError("requests batched together must ask for the same LoRA set; got "
+                                      + ", ".join(sorted(map(str, sets))), param="lora")
+        return sets.pop() if sets else self.loras.default_set
+
+    def load_lora(self, path: str, name: str | None = None, replace: bool = False) -> dict[str, object]:
+        """Load a LoRA file while running (lora_mode "unmerged"); requests select it by `name` (default:
+        the file's name) with `lora="name:scale"`. Returns its `list_loras` entry."""
+        item = self.loras.load(LoraSpec(path=path, name=name or ""), replace=replace)
+        return item.info(self.loras.mode, default=False)
+
+    def list_loras(self) -> list[dict[str, object]]:
+        """The loaded LoRAs: name, path, scale, mode, layout, sizes, whether requests get it by default."""
+        return self.loras.list()
 
     def generate_batch(self, requests: list[GenerationRequest], *, on_step: StepCallback | None = None,
                        should_stop=None) -> list[GenerationResult]:
@@ -234,6 +267,7 @@ class LocalEngine(GenerateAPI):
         dev = self.config.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        self.loras.activate(self.batch_lora(list(requests)))
         state = PipelineState(requests=list(requests), device=dev, dtype=self.config.dtype,
                               on_step=on_step, should_stop=should_stop)
         start = time.perf_counter()

@@ -8,12 +8,15 @@ This module sits above both engines so that neither imports the other: `LocalEng
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from diffserve.config import EngineConfig, default_device, parse_device, parse_dtype
 from diffserve.embedded import resolve_model_arg
 from diffserve.engine.engine import LocalEngine
 from diffserve.engine.parallel_engine import ParallelEngine, needs_parallel_engine
+from diffserve.lora.spec import LoraSpec
 from diffserve.parallel.mesh import ParallelConfig
 
 
@@ -26,18 +29,25 @@ class Engine(LocalEngine):
                         device: str | torch.device | None = None, attention_backend: str | None = None,
                         compile: bool = False, parallel: ParallelConfig | None = None,
                         fuse: bool | None = None,
-                        vae_dtype: str | torch.dtype | None = None) -> Engine | ParallelEngine:
+                        vae_dtype: str | torch.dtype | None = None,
+                        loras: Sequence[LoraSpec | str | tuple[str, float]] = (),
+                        lora_mode: str = "merged") -> Engine | ParallelEngine:
         """Load a model (no `model_path`: the embedded image model). With `parallel` asking for more than
         one process (or in a torchrun world of several) the engine is a `ParallelEngine` with the same API
         (docs/PARALLEL.md); otherwise an `Engine` in this process on `device` (default: CUDA if present),
-        in `dtype` (default: bf16 on CUDA, fp32 elsewhere)."""
+        in `dtype` (default: bf16 on CUDA, fp32 elsewhere).
+
+        `loras`: LoRA files to load, each a (path, scale) pair, `"PATH[:SCALE]"` or a `LoraSpec`;
+        `lora_mode`: "merged" (into the weights, fixed) or "unmerged" (adapters each request may switch with
+        `lora=`; more can be loaded with `load_lora`). See `diffserve.lora`."""
         model_path = resolve_model_arg(model_path, "image")
+        specs = tuple(LoraSpec.coerce(item) for item in loras)
         if needs_parallel_engine(parallel):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
                                                   attention_backend=attention_backend, parallel=parallel,
-                                                  fuse=fuse, vae_dtype=vae_dtype)
+                                                  fuse=fuse, vae_dtype=vae_dtype, loras=specs, lora_mode=lora_mode)
         dev = parse_device(device) if device is not None else default_device()
         dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
-                                compile=compile, fuse=fuse,
+                                compile=compile, fuse=fuse, loras=specs, lora_mode=lora_mode,
                                 vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None))

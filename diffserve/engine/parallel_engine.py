@@ -39,6 +39,7 @@ from diffserve.engine.ranks import (
     torchrun_env,
     world_info,
 )
+from diffserve.lora.spec import LoraSpec
 from diffserve.models.loader import resolve_model_path
 from diffserve.parallel.mesh import ParallelConfig, ParallelConfigError
 from diffserve.pipelines.base import StepCallback
@@ -198,7 +199,8 @@ class ParallelEngine:
                         device: str | torch.device | None = None, attention_backend: str | None = None,
                         compile: bool = False, parallel: ParallelConfig | None = None,
                         timeout_s: float = 1800.0, fuse: bool | None = None,
-                        vae_dtype: str | torch.dtype | None = None) -> ParallelEngine:
+                        vae_dtype: str | torch.dtype | None = None, loras: tuple[LoraSpec, ...] = (),
+                        lora_mode: str = "merged") -> ParallelEngine:
         """Start the ranks (or join torchrun's) and load the model on each. Layout errors are raised here
         as ParallelConfigError before any process starts."""
         env = torchrun_env()
@@ -217,11 +219,11 @@ class ParallelEngine:
         resolved = parallel.resolve(model_heads(model_path))
         spec = WorkerSpec(model_path=model_path, dtype=dt, device_type=dev.type,
                           attention_backend=attention_backend, parallel=resolved, compile=compile,
-                          timeout_s=timeout_s, fuse=fuse,
+                          timeout_s=timeout_s, fuse=fuse, loras=tuple(loras), lora_mode=lora_mode,
                           vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None)
         config = EngineConfig(model_path=model_path, dtype=dt, device=torch.device(dev.type),
                               attention_backend=attention_backend, compile=compile,
-                              fuse=fuse, vae_dtype=spec.vae_dtype)
+                              fuse=fuse, vae_dtype=spec.vae_dtype, loras=spec.loras, lora_mode=lora_mode)
         if env is None:
             return cls(_SpawnedWorld(spec), config)
         return cls(_join_torchrun(spec, env), config)

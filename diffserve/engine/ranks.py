@@ -39,6 +39,7 @@ from diffserve.engine.engine import GenerationResult, LocalEngine
 from diffserve.errors import UserError
 from diffserve.layers.attention import AttentionOp
 from diffserve.layers.parallel import CommGroup, USPAttention, sdpa_attention_lse
+from diffserve.lora.spec import LoraSpec
 from diffserve.parallel.cfg import install_cfg_parallel
 from diffserve.parallel.mesh import MeshGroups, ParallelConfig, ParallelConfigError, build_mesh_groups
 from diffserve.parallel.sequence import sequence_parallel
@@ -88,6 +89,8 @@ class WorkerSpec:
     timeout_s: float = 1800.0
     fuse: bool | None = None
     vae_dtype: torch.dtype | None = None
+    loras: tuple[LoraSpec, ...] = ()  # loaded by every rank, the same way
+    lora_mode: str = "merged"
 
 
 def free_port() -> int:
@@ -227,7 +230,8 @@ class RankRuntime:
         """Load the model on `device`, cut the process groups, apply the layout. Collective."""
         engine = LocalEngine(EngineConfig(model_path=spec.model_path, dtype=spec.dtype, device=device,
                                           attention_backend=spec.attention_backend, compile=spec.compile,
-                                          fuse=spec.fuse, vae_dtype=spec.vae_dtype))
+                                          fuse=spec.fuse, vae_dtype=spec.vae_dtype, loras=spec.loras,
+                                          lora_mode=spec.lora_mode))
         heads = engine.pipeline.components.transformer.cfg.num_attention_heads  # type: ignore[attr-defined]
         groups = build_mesh_groups(spec.parallel.resolve(heads))
         parallelize_pipeline(engine.pipeline, engine.attention, groups)
