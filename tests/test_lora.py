@@ -351,6 +351,7 @@ def test_unmerge_restores_the_weights(flux: dict) -> None:
     assert max(float((before[k] - v).abs().max()) for k, v in model.state_dict().items()) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on a CPU needs a C++ compiler")
 def test_flux_unmerged_compiled_switches_without_recompiling(flux: dict) -> None:
     """Compiled blocks with fused projections carrying adapters: after one LoRA run, other sets and scales
@@ -469,6 +470,9 @@ def test_parallel_u2_with_merged_lora_equals_single_process(flux: dict) -> None:
                                     parallel=ParallelConfig(num_gpus=2, ulysses_degree=2))
     try:
         got = np.asarray(engine.generate_batch([GenerationRequest(prompt=PROMPT, **p)])[0].images[0], dtype=int)
+        assert [i["name"] for i in engine.list_loras()] == ["a"]
+        with pytest.raises(LoraError, match="fixed"):  # every rank refuses, the front reports it
+            engine.load_lora(str(flux["b"]))
     finally:
         engine.close()
     diff = int(np.abs(got - expected).max())

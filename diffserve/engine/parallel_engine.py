@@ -142,6 +142,12 @@ class _SpawnedWorld:
             should_stop: StopCheck | None) -> list[list[GenerationResult]]:
         return self.request(("run", batches, should_stop is not None), on_step, should_stop)
 
+    def list_loras(self) -> list[dict[str, object]]:
+        return self.request(("loras",))
+
+    def load_lora(self, spec: LoraSpec, replace: bool) -> dict[str, object]:
+        return self.request(("load_lora", spec, replace))
+
     def close(self, graceful: bool = True) -> None:
         if graceful and not self.closed:
             deadline = time.monotonic() + 60
@@ -172,6 +178,12 @@ class _LocalFront:
             should_stop: StopCheck | None) -> list[list[GenerationResult]]:
         with torch.inference_mode():
             return self.front.dispatch(batches, on_step, should_stop)
+
+    def list_loras(self) -> list[dict[str, object]]:
+        return self.front.engine.list_loras()
+
+    def load_lora(self, spec: LoraSpec, replace: bool) -> dict[str, object]:
+        return self.front.load_lora(spec, replace)
 
     def close(self, graceful: bool = True) -> None:
         if not self.front.stopped:
@@ -263,6 +275,16 @@ class ParallelEngine:
         """Several independent batches, spread over the replicas (a replica runs its share in order)."""
         with self._lock:
             return self._backend.run([list(b) for b in batches], on_step, should_stop)
+
+    def load_lora(self, path: str, name: str | None = None, replace: bool = False) -> dict[str, object]:
+        """Load a LoRA on every rank while running (lora_mode "unmerged"), as `Engine.load_lora`."""
+        with self._lock:
+            return self._backend.load_lora(LoraSpec(path=path, name=name or ""), replace)
+
+    def list_loras(self) -> list[dict[str, object]]:
+        """The loaded LoRAs (the same on every rank), as `Engine.list_loras`."""
+        with self._lock:
+            return self._backend.list_loras()
 
     def close(self) -> None:
         """Stop the worker ranks (idempotent)."""

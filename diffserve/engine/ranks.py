@@ -179,9 +179,11 @@ def split_requests(requests: list[GenerationRequest], parts: int) -> list[list[G
 
 @dataclass
 class Job:
-    kind: str  # "run" or "stop"
+    kind: str  # "run", "lora" (load `lora` on every rank) or "stop"
     batches: list[list[GenerationRequest]] = field(default_factory=list)
     cancellable: bool = False
+    lora: LoraSpec | None = None
+    replace: bool = False
 
 
 @dataclass
@@ -248,6 +250,8 @@ class RankRuntime:
 
     def execute(self, job: Job, on_step: StepCallback | None, flag: Callable[[], bool] | None) -> Outcome:
         """Run a job's batches on this rank (every rank of the replica does, in step)."""
+        if job.kind == "lora":
+            return self.load_lora(job)
         should_stop = None
         if job.cancellable:
             local = flag if (flag is not None and self.groups.is_replica_leader) else (lambda: False)
@@ -259,6 +263,15 @@ class RankRuntime:
             return Outcome(results=results)
         except Exception as e:  # noqa: BLE001 - reported to the front
             return Outcome(error=portable_error(e, self.groups.rank))
+
+    def load_lora(self, job: Job) -> Outcome:
+        """Load the job's LoRA into this rank's engine (every rank does, so all hold the same adapters)."""
+        assert job.lora is not None
+        try:
+            self.engine.load_lora(job.lora.path, job.lora.name, job.replace)
+        except Exception as e:  # noqa: BLE001 - reported to the front
+            return Outcome(error=portable_error(e, self.groups.rank))
+        return Outcome(results=[])
 
     def lead(self, job: Job, on_step: StepCallback | None, flag: Callable[[], bool] | None) -> Outcome | None:
         """Leader: hand the job to the replica, then run it. None for a stop job."""
@@ -329,6 +342,21 @@ class Front:
             for i, res in zip(plan[d], outcome.results or []):
                 results[i] = res
         return results
+
+    def load_lora(self, spec: LoraSpec, replace: bool = False) -> dict[str, object]:
+        """Load a LoRA on every rank of every replica (engines in lora_mode "unmerged"); its list entry."""
+        if self.stopped:
+            raise RuntimeError("the parallel engine is closed")
+        g = self.runtime.groups
+        job = Job("lora", lora=spec, replace=replace)
+        for d in range(1, g.config.dp_size):
+            _send(job, g.replica_leader(d), g.world_ctrl)
+        outcomes = [self.runtime.lead(job, None, None)]
+        outcomes += [_recv(g.replica_leader(d), g.world_ctrl) for d in range(1, g.config.dp_size)]
+        for outcome in outcomes:
+            if outcome.error is not None:  # type: ignore[union-attr]
+                raise outcome.error  # type: ignore[union-attr]
+        return next(i for i in self.engine.list_loras() if i["name"] == spec.name)
 
     def shutdown(self) -> None:
         """Stop every other rank (they leave their loops); the caller then destroys the process group."""
@@ -427,6 +455,10 @@ def _front_loop(front: Front, conn, cancel_event) -> None:
                 out = front.dispatch(batches, on_step=lambda done, total: conn.send(("step", done, total)),
                                      should_stop=cancel_event.is_set if cancellable else None)
                 conn.send(("ok", out))
+            elif kind == "loras":
+                conn.send(("ok", front.engine.list_loras()))
+            elif kind == "load_lora":
+                conn.send(("ok", front.load_lora(msg[1], msg[2])))
             else:
                 conn.send(("error", RuntimeError(f"unknown message {kind!r}")))
         except Exception as e:  # noqa: BLE001 - re-raised in the parent
