@@ -403,6 +403,24 @@ def test_wan_merged_unmerged_and_comfyui_match_diffusers(tmp_path: Path) -> None
     bias_delta = torch.linspace(-0.1, 0.1, wa[bias_key].shape[0]) * 0.7
     assert torch.allclose(wa.pop(bias_key) - wb.pop(bias_key), bias_delta, atol=1e-6)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    # musubi-tuner's kohya spelling of the same names (lora_unet_blocks_0_self_attn_q)
+    musubi = {}
+    for key, value in comfyui_wan(state, 1.0).items():
+        module, _, suffix = key.removeprefix("diffusion_model.").partition(".lora_")
+        if not suffix:
+            module, _, suffix = module.rpartition(".")
+            suffix = suffix if suffix in ("alpha", "diff_b", "diff") else None
+            if suffix is None:
+                continue
+            musubi[f"lora_unet_{module.replace('.', '_')}.{suffix}"] = value
+        else:
+            musubi[f"lora_unet_{module.replace('.', '_')}.lora_{suffix}"] = value
+    save_file(musubi, tmp_path / "musubi.safetensors")
+    kohya = Engine.from_pretrained(str(repo), dtype="fp32", device="cpu",
+                                   loras=[(str(tmp_path / "musubi.safetensors"), 0.7)])
+    assert kohya.list_loras()[0]["layout"] == "kohya"
+    wc = weights(comfy)
+    assert all(torch.equal(v, wc[k]) for k, v in weights(kohya).items())
 
 
 def test_qwen_image_merged_and_unmerged_match_diffusers(tmp_path: Path) -> None:
