@@ -68,9 +68,10 @@ class LoraLayer:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, scale: float = 1.0) -> torch.Tensor:
-        """The weight update scale * scaling * up @ down (sum rows, in), in float32."""
-        return (self.up.float() @ self.down.float()) * (scale * self.scaling)
+    def delta(self, scale: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
+        """The weight update scale * scaling * up @ down (sum rows, in), in float32 on `device`."""
+        up, down = self.up.to(device=device, dtype=torch.float32), self.down.to(device=device, dtype=torch.float32)
+        return (up @ down) * (scale * self.scaling)
 
 
 @dataclass(frozen=True)

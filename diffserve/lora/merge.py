@@ -85,9 +85,10 @@ class MergedLoras:
 
 
 def _apply(model: nn.Module, targets: dict[str, Target], loras: Sequence[tuple[LoraWeights, float]]) -> None:
+    device = next(model.parameters()).device  # the updates are computed where the weights are
     for weights, scale in loras:
         for layer in weights.layers:
-            delta = layer.delta(scale)
+            delta = layer.delta(scale, device)
             bias = layer.bias.float() * scale if layer.bias is not None else None
             for name, rows in _row_blocks(layer):
                 add_delta(model, targets[name], delta[rows], bias[rows] if bias is not None else None)

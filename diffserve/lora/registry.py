@@ -15,7 +15,7 @@ Requests in one batch must ask for the same set (`LoraSet` is hashable: the serv
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +27,8 @@ from diffserve.lora.adapters import LoraControl, install_adapters
 from diffserve.lora.formats import LoraWeights, load_lora
 from diffserve.lora.merge import merge_loras
 from diffserve.lora.spec import LoraError, LoraSet, LoraSpec
+
+log = logging.getLogger(__name__)
 
 LoraMode = Literal["merged", "unmerged"]
 LORA_MODES: tuple[str, ...] = ("merged", "unmerged")
@@ -50,6 +52,12 @@ class LoadedLora:
                 "layout": w.layout, "layers": len(w.layers), "targets": len(w.targets),
                 "ranks": sorted({layer.rank for layer in w.layers}), "default": default,
                 "skipped_tensors": len(w.skipped)}
+
+
+def _log_loaded(item: LoadedLora, mode: str) -> None:
+    """One line per loaded adapter (INFO); a WARNING when tensors were skipped (text encoder, zero diffs)."""
+    level = logging.WARNING if item.weights.skipped else logging.INFO
+    log.log(level, "LoRA %r (%s, scale %g): %s", item.name, mode, item.spec.scale, item.weights.summary())
 
 
 class LoraRegistry:
@@ -86,8 +94,7 @@ class LoraRegistry:
                 self._install()
             self._default = LoraSet(tuple((s.name, s.scale) for s in specs))
         for m in mapped:
-            print(f"diffserve: LoRA {m.name!r} ({self.mode}, scale {m.spec.scale:g}): {m.weights.summary()}",
-                  file=sys.stderr)
+            _log_loaded(m, self.mode)
         return mapped
 
     def load(self, spec: LoraSpec, replace: bool = False) -> LoadedLora:
@@ -97,6 +104,7 @@ class LoraRegistry:
             raise LoraError("LoRAs merged at start-up are fixed; start the engine with lora_mode='unmerged' "
                             "(--lora-mode unmerged) to load adapters while running", param="lora")
         item = LoadedLora(spec, load_lora(spec.path, self.model))
+        _log_loaded(item, self.mode)
         with self._lock:
             if spec.name in self._loaded and not replace:
                 raise LoraError(f"a LoRA named {spec.name!r} is already loaded", param="lora")
