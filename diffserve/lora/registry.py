@@ -26,7 +26,7 @@ from torch import nn
 from diffserve.lora.adapters import LoraControl, install_adapters
 from diffserve.lora.formats import LoraWeights, load_lora
 from diffserve.lora.merge import merge_loras
-from diffserve.lora.spec import LoraError, LoraSet, LoraSpec
+from diffserve.lora.spec import LoraError, LoraSet, LoraSpec, resolve_lora
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +149,7 @@ class LoraRegistry:
     def resolve(self, value: object) -> LoraSet:
         """The set a request's `lora` field asks for (None: the default set), checked against what is
         loaded and the mode."""
-        wanted = self._default if value is None else LoraSet.parse(value)
-        unknown = [n for n in wanted.names if n not in self._loaded]
-        if unknown:
-            loaded = ", ".join(self._loaded) or "none"
-            raise LoraError(f"no LoRA named {unknown[0]!r} is loaded (loaded: {loaded})", param="lora")
-        if self.mode == "merged" and wanted != self._default:
-            raise LoraError(f"this engine merged its LoRAs ({self._default}) into the weights at start-up; a request "
-                            f"cannot choose others (start it with --lora-mode unmerged)", param="lora")
-        return wanted
+        return resolve_lora(value, self._loaded, self._default, self.mode)
 
     def activate(self, lora_set: LoraSet) -> None:
         """Make `lora_set` the adapters the next batches run with (unmerged mode; merged: a no-op)."""

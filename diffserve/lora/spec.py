@@ -145,3 +145,19 @@ def _one_item(value: object) -> tuple[str, float]:
     if isinstance(value, (tuple, list)) and len(value) == 2:
         return check_name(value[0]), check_scale(value[1])
     raise LoraError(f"a lora entry is a name, 'name:scale' or {{'name', 'scale'}}; got {value!r}", param="lora")
+
+
+def resolve_lora(value: object, loaded: Iterable[str], default: LoraSet, mode: str) -> LoraSet:
+    """The set a request's `lora` field asks for (None: `default`, the start-up set), checked against the
+    adapter names `loaded` and the mode ("merged": only the default set is possible). The engine's registry
+    and a server front that validates without the engine (knowing the names from the worker) share it."""
+    wanted = default if value is None else LoraSet.parse(value)
+    names = list(loaded)
+    unknown = [n for n in wanted.names if n not in names]
+    if unknown:
+        raise LoraError(f"no LoRA named {unknown[0]!r} is loaded (loaded: {', '.join(names) or 'none'})",
+                        param="lora")
+    if mode == "merged" and wanted != default:
+        raise LoraError(f"this engine merged its LoRAs ({default}) into the weights at start-up; a request "
+                        f"cannot choose others (start it with --lora-mode unmerged)", param="lora")
+    return wanted
