@@ -1,10 +1,12 @@
 """`diffserve serve` under stress of its own process layout, on the tiny FLUX.1-dev fixture: a full queue
 (429), the worker killed with SIGKILL mid-request (the request fails at once with a clear error, queued
-requests survive, the worker is restarted), SIGTERM with requests in flight (every request answered, exit 0,
-worker gone), and a model that cannot be loaded (exit 1).
+requests survive, the worker is restarted), a batch that hangs (its deadline; a worker stopped with SIGSTOP,
+caught by its missed heartbeats, is in test_server_load), a cancelled batch that cannot reach a step boundary (the cancel grace), SIGTERM with
+requests in flight (every request answered, exit 0, worker gone), a model that cannot be loaded (exit 1),
+and a worker that cannot be reloaded after dying (exit 1, so an outside supervisor restarts the server).
 
-The module's server runs with --max-queue 2 --max-batch-size 1 --shutdown-grace 1; the SIGTERM test ends it,
-so it comes last."""
+The module's server runs with --max-queue 2 --max-batch-size 1 --shutdown-grace 1 and a short watchdog
+(heartbeat 3 s, batch base 8 s, cancel grace 2 s); the SIGTERM test ends it, so it comes last."""
 
 from __future__ import annotations
 
@@ -27,19 +29,21 @@ from diffserve.server.testing import (
 )
 
 BLOCKING_STEPS = 1000  # far longer than any test waits: such requests end by disconnect, kill or shutdown
+WATCHDOG = ("--worker-heartbeat-timeout", "3", "--batch-timeout-base", "8", "--cancel-grace", "2")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, flux_dev_repo):
     srv = start_server(flux_dev_repo, tmp_path_factory.mktemp("server-lifecycle"),
                        args=("--dtype", "fp32", "--device", "cpu", "--max-queue", "2", "--max-batch-size", "1",
-                             "--shutdown-grace", "1", "--log-level", "info"))
+                             "--shutdown-grace", "1", "--log-level", "info", *WATCHDOG),
+                       env={"DIFFSERVE_SERVER_FAULT_INJECTION": "1"})
     yield srv
     srv.stop()
 
 
-def _post(server: ServerProcess, steps: int = 2, seed: int = 0) -> httpx.Response:
-    body = {"prompt": "a cube", "size": "32x32", "num_inference_steps": steps, "seed": seed}
+def _post(server: ServerProcess, steps: int = 2, seed: int = 0, prompt: str = "a cube") -> httpx.Response:
+    body = {"prompt": prompt, "size": "32x32", "num_inference_steps": steps, "seed": seed}
     return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
 
 
@@ -104,6 +108,56 @@ def test_worker_killed_mid_request_recovers(server: ServerProcess) -> None:
     assert _post(server).status_code == 200
     with pytest.raises(ProcessLookupError):
         os.kill(old_pid, 0)
+
+
+def _restarted(server: ServerProcess, old_pid: int, restarts: int) -> dict:
+    """Wait for a new worker; check the old one is gone and the restart was counted."""
+    health = server.wait_ready(120, not_pid=old_pid)
+    assert health["worker"]["restarts"] == restarts, health
+    with pytest.raises(ProcessLookupError):
+        os.kill(old_pid, 0)
+    return health
+
+
+def test_hung_batch_fails_at_its_deadline(server: ServerProcess) -> None:
+    """A batch that never ends (heartbeats still coming) hung its request: it has a deadline now."""
+    restarts = server.health()[1]["worker"]["restarts"]
+    old_pid = server.worker_pid()
+    t0 = time.monotonic()
+    err = assert_error(_post(server, prompt="__fault_hang__ forever"), 504, code="generation_timeout")
+    assert 7 < time.monotonic() - t0 < 90 and "deadline" in err["message"]
+    assert "deadline" in server.health()[1]["worker"]["last_error"]
+    _restarted(server, old_pid, restarts + 1)
+
+
+def test_cancelled_batch_that_cannot_stop_is_ended(server: ServerProcess) -> None:
+    """A cancelled request whose step does not end kept the worker busy (195 s for a 2048² step)."""
+    restarts, before = server.health()[1]["worker"]["restarts"], _cancelled(server)
+    stuck = RawRequest(server, "/v1/images/generations",
+                       {"prompt": "__fault_hang__ abandoned", "size": "32x32", "num_inference_steps": 2})
+    wait_health(server, lambda _, b: (b["worker"]["batch_steps"] or [0])[0] >= 1, "the request to hang")
+    old_pid = server.worker_pid()
+    t0 = time.monotonic()
+    stuck.close()
+    wait_health(server, lambda _, b: b["worker"]["pid"] != old_pid or b["status"] != "ready",
+                "the worker to be replaced", timeout=20)
+    assert time.monotonic() - t0 < 8  # the 2 s cancel grace, well before the 8 s deadline
+    assert _cancelled(server) == before + 1
+    _restarted(server, old_pid, restarts + 1)
+    assert _post(server).status_code == 200
+
+
+def test_worker_that_cannot_be_reloaded_exits_1(tmp_path, flux_dev_repo) -> None:
+    """After three failed reloads the server answered 503 forever without exiting."""
+    srv = start_server(flux_dev_repo, tmp_path, args=("--dtype", "fp32", "--device", "cpu"),
+                       env={"DIFFSERVE_SERVER_FAULT_INJECTION": "1"})
+    try:
+        (srv.output_dir / ".fault-fail-load").touch()  # every later load fails
+        os.kill(srv.worker_pid(), signal.SIGKILL)
+        assert srv.proc.wait(90) == 1
+    finally:
+        srv.stop(5)
+    assert "gave up after 3 tries" in srv.log() and srv.log().count("injected load failure") >= 3
 
 
 def test_unloadable_model_exits_1(tmp_path) -> None:

@@ -89,6 +89,7 @@ class WorkerSupervisor:
         self._last_heard = time.monotonic()
         self._serving = False  # heartbeats are required (only once the model is loaded)
         self._deadline: float | None = None
+        self._steps: tuple[int, int] | None = None  # (done, total) denoising steps of the running batch
         self.state = "starting"
         self.pid: int | None = None
         self.restarts = 0
@@ -129,6 +130,7 @@ class WorkerSupervisor:
                 "running": running, "pipeline": info.pipeline_class if info else None,
                 "device": info.device if info else None, "dtype": info.dtype if info else None,
                 "last_heartbeat_s": round(now - self._last_heard, 3) if self._serving else None,
+                "batch_steps": list(self._steps) if self._steps else None,
                 "batch_deadline_in_s": round(deadline - now, 3) if deadline is not None else None}
 
     def retry_after_s(self) -> int:
@@ -341,7 +343,7 @@ class WorkerSupervisor:
                 self._fail_running(shutting_down_error() if self._stopping.is_set() else e.error)
             return False
         finally:
-            self._deadline = None
+            self._deadline = self._steps = None
             with self._lock:
                 self._running.clear()
 
@@ -366,6 +368,7 @@ class WorkerSupervisor:
         while True:
             msg = self._recv(timeout=0.2)
             if isinstance(msg, Progress):
+                self._steps = (msg.done, msg.total)
                 self._deadline = self.clock.deadline(started, cost, time.monotonic(), msg.done, msg.total)
                 for item_id in msg.item_ids:
                     item = self._running.get(item_id)

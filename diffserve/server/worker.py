@@ -12,8 +12,9 @@ back encoded (PNG/JPEG/WebP/MP4 bytes); the front writes the files.
 Fault injection (tests only, `WorkerConfig.fault_injection`; `diffserve serve` sets it when the environment
 has DIFFSERVE_SERVER_FAULT_INJECTION=1): a prompt starting with ``__fault_oom__`` raises
 `torch.OutOfMemoryError` at the first denoising step, ``__fault_error__`` a RuntimeError, from inside the
-real denoising loop, and ``__fault_hang__`` blocks the first step forever (heartbeats go on: a hang the
-batch deadline must catch); loading fails while the file `WorkerConfig.fail_load_marker` exists.
+real denoising loop, and ``__fault_hang__`` blocks forever once the first step is reported (heartbeats go
+on: a hang the batch deadline must catch); loading fails while the file `WorkerConfig.fail_load_marker`
+exists (checked first thing).
 """
 
 from __future__ import annotations
@@ -129,8 +130,6 @@ def _inject_fault(items: list[TaskItem]) -> None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected fault)")
         if it.request.prompt.startswith("__fault_error__"):
             raise RuntimeError("injected fault")
-        if it.request.prompt.startswith("__fault_hang__"):
-            threading.Event().wait()  # forever: only a kill ends it
 
 
 def _decoded(item: TaskItem) -> object:
@@ -177,6 +176,9 @@ class BatchRunner:
             if self.fault_injection and done == 1:
                 _inject_fault(live)
             self.events.send(Progress(task.batch_id, ids, done, total))
+            if self.fault_injection and done == 1 and any(it.request.prompt.startswith("__fault_hang__")
+                                                          for it in live):
+                threading.Event().wait()  # forever, after the first step was reported: only a kill ends it
 
         try:
             requests = [_decoded(it) for it in live]
@@ -235,9 +237,6 @@ def _load(cfg: WorkerConfig, events: EventPipe) -> object | None:
     """Build the engine and announce it (Ready), or report why it could not be built (LoadFailed)."""
     from diffserve.engine.entry import Engine
 
-    if cfg.fault_injection and cfg.fail_load_marker and os.path.exists(cfg.fail_load_marker):
-        events.send(LoadFailed("injected load failure", user_error=False))
-        return None
     try:
         engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,
                                         attention_backend=cfg.attention_backend, compile=cfg.compile,
@@ -259,6 +258,9 @@ def worker_main(cfg: WorkerConfig, tasks: Connection, events: Connection, cancel
     """Entry point of the worker process (multiprocessing spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the front decides
     pipe = EventPipe(events)
+    if cfg.fault_injection and cfg.fail_load_marker and os.path.exists(cfg.fail_load_marker):
+        pipe.send(LoadFailed("injected load failure", user_error=False))
+        return
     threading.Thread(target=_beat, args=(pipe, cfg.heartbeat_s), name="diffserve-heartbeat", daemon=True).start()
     _quiet_libraries()
     engine = _load(cfg, pipe)
