@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,8 +44,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-scale", "--true-cfg-scale", dest="guidance_scale", type=float, default=None,
                    help="guidance scale (0-100); for Qwen-Image models it is diffusers' true_cfg_scale")
     g.add_argument("--seed", type=int, default=None,
-                   help="random seed of the first output (default, or -1: random); output i gets SEED+i, and "
-                        "every output's seed is printed, so any one can be made again alone")
+                   help="seed of the first output (default, or -1: random); output k of the run gets SEED+k "
+                        "(a --prompt-file line may set its own; the count goes on from it), and every output's "
+                        "seed is printed, so any one can be made again alone")
     g.add_argument("--num-outputs", type=int, default=1, help="images/videos per prompt (1-16), one seed each")
     g.add_argument("--num-frames", type=int, default=None, help="video models: frames, 4k+1 (e.g. 81)")
     g.add_argument("--fps", type=int, default=None, help="video models: frame rate of the written video")
@@ -128,12 +130,26 @@ def read_prompt_file(path: Path) -> list[tuple[str, dict[str, object]]]:
     return out
 
 
-def _jobs(args: argparse.Namespace) -> list[tuple[str, dict[str, object]]]:
-    """(where, fields) of every prompt of the run: the flags, overridden per line by a --prompt-file."""
+def _jobs(args: argparse.Namespace) -> list[tuple[str, dict[str, object], bool]]:
+    """(where, fields, sets its own seed) of every prompt of the run: the flags, overridden per line by a
+    --prompt-file."""
     flags = {name: getattr(args, name) for name in REQUEST_FIELDS} | {"image_path": args.image_path}
     if args.prompt_file is None:
-        return [("", flags)]
-    return [(where, flags | fields) for where, fields in read_prompt_file(args.prompt_file)]
+        return [("", flags, False)]
+    return [(where, flags | fields, "seed" in fields) for where, fields in read_prompt_file(args.prompt_file)]
+
+
+def _batches(jobs: list[tuple[str, dict[str, object], bool]], first_seed: int,
+             index: ModelIndex) -> list[list[GenerationRequest]]:
+    """Each prompt's validated requests, one per output. Output k of the run gets seed first_seed + k; a
+    --prompt-file line with its own seed starts from that one, and the count goes on from there."""
+    images: dict[str, object] = {}
+    batches, seed = [], first_seed
+    for where, fields, own_seed in jobs:
+        batch = _job_requests(where, fields if own_seed else fields | {"seed": seed}, index, images)
+        batches.append(batch)
+        seed = int(batch[-1].seed) + 1  # type: ignore[arg-type]
+    return batches
 
 
 def _job_requests(where: str, fields: dict[str, object], index: ModelIndex,
@@ -202,7 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     jobs = _jobs(args)
     wants_video = args.output_format in ("mp4", "gif", "frames") or any(
-        f.get("num_frames") is not None or f.get("image_path") for _, f in jobs)
+        f.get("num_frames") is not None or f.get("image_path") for _, f, _ in jobs)
     model_path = resolve_model_arg(args.model_path, "video" if wants_video else "image")
     if args.device is not None:
         parse_device(args.device)
@@ -210,8 +226,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     index = read_model_index(resolve_model_path(model_path))
     kind = defaults_from_configs(index).kind
     fmt = resolve_format(args.output_format, args.output_path, kind)
-    images: dict[str, object] = {}
-    batches = [_job_requests(where, fields, index, images) for where, fields in jobs]
+    first_seed = args.seed if args.seed is not None and args.seed != -1 else secrets.randbelow(2**31)
+    batches = _batches(jobs, first_seed, index)
     total = sum(len(b) for b in batches)
     output_dir = args.output_dir if args.output_dir is not None or args.output_path else Path("outputs")
     check_output_target(fmt=fmt, output_dir=output_dir, output_path=args.output_path, count=total, kind=kind)

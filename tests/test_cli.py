@@ -39,18 +39,20 @@ def test_prompt_file_numbered_output_path_and_metadata(flux_dev_repo: Path, tmp_
     from diffserve.media import read_metadata
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text('a red circle\n\n{"prompt": "a blue square", "seed": 7, "num_outputs": 2, "width": 48}\n')
+    prompts.write_text('a red circle\n\n{"prompt": "a blue square", "seed": 7, "num_outputs": 2, "width": 48}\n'
+                       'a green triangle\n')
     common = ["--model-path", str(flux_dev_repo), "--height", "32", "--width", "32", "--num-inference-steps", "1",
               "--dtype", "fp32"]
     target = tmp_path / "new" / "x.png"  # its folder does not exist yet
     assert main(["generate", *common, "--prompt-file", str(prompts), "--seed", "3", "--output-path", str(target)]) == 0
     out, err = capsys.readouterr()
     paths = [Path(line) for line in out.split()]
-    assert paths == [tmp_path / "new" / f"x_{i}.png" for i in range(3)]
-    assert all(f"seed {s}: {p}" in err for s, p in zip((3, 7, 8), paths))
+    assert paths == [tmp_path / "new" / f"x_{i}.png" for i in range(4)]
+    assert all(f"seed {s}: {p}" in err for s, p in zip((3, 7, 8, 9), paths))
     metas = [read_metadata(p) for p in paths]
     assert [(m["prompt"], m["seed"], m["size"]) for m in metas] == [
-        ("a red circle", "3", "32x32"), ("a blue square", "7", "48x32"), ("a blue square", "8", "48x32")]
+        ("a red circle", "3", "32x32"), ("a blue square", "7", "48x32"), ("a blue square", "8", "48x32"),
+        ("a green triangle", "9", "32x32")]
     assert metas[0]["steps"] == "1" and metas[0]["model"] == flux_dev_repo.name
     # any output is made again alone from its printed seed; --no-metadata leaves the file bare
     again = tmp_path / "again.png"
