@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffserve.cli_args import MODEL_DEFAULTS_HELP, SuggestingParser, add_engine_args
+from diffserve.cli_args import MODEL_DEFAULTS_HELP, SuggestingParser, add_engine_args, lora_options
 from diffserve.errors import InvalidRequestError, UserError
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")  # kept equal to diffserve.media's lists (imported lazily there)
@@ -187,7 +187,7 @@ def _load_engine(args: argparse.Namespace, model_path: str) -> LocalEngine | Par
     return Engine.from_pretrained(model_path, dtype=args.dtype, device=args.device,
                                   attention_backend=args.attention_backend, compile=args.compile,
                                   fuse=args.fuse, vae_dtype=args.vae_dtype,
-                                  parallel=parallel_config_from_args(args))
+                                  parallel=parallel_config_from_args(args), **lora_options(args))
 
 
 def _write_result(result: GenerationResult, *, fmt: str, output_dir: Path | None, output_path: Path | None,
