@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_dtype
-from diffserve.engine.engine import GenerationResult
+from diffserve.engine.engine import GenerateAPI, GenerationResult
 from diffserve.engine.ranks import (
     Front,
     RankRuntime,
@@ -191,7 +191,7 @@ class _LocalFront:
             dist.destroy_process_group()
 
 
-class ParallelEngine:
+class ParallelEngine(GenerateAPI):
     """Same public API as `Engine` (from_pretrained, defaults, validate, generate, generate_batch), plus
     `generate_batches` (several batches spread over the data-parallel replicas) and `close`."""
 
@@ -256,11 +256,6 @@ class ParallelEngine:
         """Fill defaults and validate without running the model (raises InvalidRequestError)."""
         with self._lock:
             return self._backend.validate(request)
-
-    def generate(self, prompt: str | None = None, *, on_step: StepCallback | None = None,
-                 should_stop: StopCheck | None = None, **params: object) -> GenerationResult:
-        request = GenerationRequest(prompt=prompt if prompt is not None else "", **params)  # type: ignore[arg-type]
-        return self.generate_batch([request], on_step=on_step, should_stop=should_stop)[0]
 
     def generate_batch(self, requests: list[GenerationRequest], *, on_step: StepCallback | None = None,
                        should_stop: StopCheck | None = None) -> list[GenerationResult]:
