@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 try:
-    from benchmarks.bench_e2e import PROMPT, WORKLOADS, Workload
+    from benchmarks.bench_e2e import WORKLOADS, Workload, conditioning
 except ImportError:  # run as a script: python benchmarks/bench_scaling.py
-    from bench_e2e import PROMPT, WORKLOADS, Workload  # type: ignore[no-redef]
+    from bench_e2e import WORKLOADS, Workload, conditioning  # type: ignore[no-redef]
 
 SCALING_WORKLOADS: dict[str, Workload] = {
     **WORKLOADS,
@@ -102,11 +102,12 @@ def run_layout(repo: Path, layout: str, w: Workload, steps: int, device: str = "
     try:
         load_s = time.perf_counter() - t0
         params: dict[str, Any] = dict(height=w.height, width=w.width, guidance_scale=w.guidance, seed=0)
+        params.update(conditioning(w))  # Qwen-Image: true CFG's negative prompt; editing: the input image
         warm = dict(params, num_frames=WARMUP_FRAMES) if w.num_frames else params
-        engine.generate(PROMPT, num_inference_steps=1, **warm)
+        engine.generate(w.prompt, num_inference_steps=w.min_steps, **warm)  # Qwen-Image: 2 steps at least
         if w.num_frames:
             params["num_frames"] = w.num_frames
-        res = engine.generate(PROMPT, num_inference_steps=steps, **params)
+        res = engine.generate(w.prompt, num_inference_steps=steps, **params)
     finally:
         if hasattr(engine, "close"):
             engine.close()

@@ -60,6 +60,14 @@ class StepFlops:
         return max(self.attention_shapes, key=lambda s: self.attention_shapes[s] * s[0] * s[1] * s[2] * s[3] * s[4])
 
 
+def per_step(flops: StepFlops, steps: int) -> StepFlops:
+    """The FLOPs of a `steps`-step generation as one step's share (attention calls per shape divided too)."""
+    if steps == 1:
+        return flops
+    shapes = {s: max(n // steps, 1) for s, n in flops.attention_shapes.items()}
+    return StepFlops(flops.matmul / steps, flops.attention / steps, shapes)
+
+
 def count_step_flops(transformer: torch.nn.Module, attention, generate: Callable[[], object]) -> StepFlops:
     """FLOPs of the calls of `transformer` (whose attention seam is `attention`, an ``AttentionOp``) made by
     `generate()`: one denoising step's worth, e.g. a one-step generation. Work a model hoists out of its

@@ -173,3 +173,178 @@ def test_server_benchmark_starts_data_parallel_servers() -> None:
     assert "--num-gpus" not in bsb.server_args(1, 8, args)
     assert (bsb.warmup_count(args, 1), bsb.warmup_count(args, 8)) == (1, 8)
     assert bsb.warmup_count(Namespace(requests=16, warmup=None), 1) == 16
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen-Image, Qwen-Image-Edit and HunyuanVideo workloads (issues 13 and 14)
+
+
+def test_engine_names() -> None:
+    parse, spec = bench_e2e.parse_engine, bench_e2e.EngineSpec
+    assert parse("diffserve+compile[fa3]") == spec("diffserve", compile=True, backend="fa3")
+    assert parse("diffserve+compile+vaebf16[cudnn]") == spec("diffserve", compile=True, vae_bf16=True,
+                                                              backend="cudnn")
+    fuse = [parse(n).fuse for n in ("diffserve+nofuse", "diffserve+fuse", "diffserve")]
+    assert fuse == [False, True, None]
+    assert parse("diffusers+compile") == spec("diffusers", compile=True)
+    assert parse("diffusers+regional") == spec("diffusers", compile=True, regional=True)
+    for bad in ("diffserve+compil", "diffusers[fa3]", "diffserve[]", "diffserve+fuse+nofuse",
+                "diffusers+compile+regional", "sglang"):
+        with pytest.raises(SystemExit):
+            parse(bad)
+
+
+@pytest.mark.parametrize("name,fixture", [("tiny-qwen", "qwen-image"), ("tiny-hunyuan", "hunyuan-video")])
+def test_harness_runs_the_same_work_as_diffusers(name: str, fixture: str, tmp_path: Path) -> None:
+    """Qwen-Image (true CFG against the negative prompt: two transformer calls per step) and HunyuanVideo
+    (embedded guidance; diffusers runs the text padded to 256 with a key mask, diffserve the real tokens
+    only): the same image / video as diffusers, the same text, the FLOPs of the replayed calls equal
+    step_flops' count on the meta device, one BENCHMARKS.md row per engine."""
+    from benchmarks import step_flops
+    from diffserve.testing.fixtures import fixture_path
+
+    bench, w = tmp_path / "BENCHMARKS.md", bench_e2e.WORKLOADS[name]
+    report = bench_e2e.main([name, "--repo", str(fixture_path(fixture)), "--device", "cpu", "--dtype", "fp32",
+                             "--steps", "2", "--benchmarks", str(bench)])
+    assert [r["engine"] for r in report["runs"]] == ["diffserve", "diffusers"]
+    assert report["output_mean_abs_diff_255_vs_diffusers"]["diffserve"] < 0.01
+    lengths = [str(n) for n in step_flops.text_lengths(w)]
+    tokens = report["text_tokens_per_call"]
+    if name == "tiny-qwen":  # prompt and negative prompt, only their real tokens, in both engines
+        assert tokens == {"diffserve": lengths, "diffusers": lengths} and len(lengths) == 2
+    else:  # the 40 real tokens of the workload's prompt; diffusers pads them to 256
+        assert tokens == {"diffserve": ["40"], "diffusers": ["40 of 256"]} and lengths == ["40"]
+    meta = step_flops.count_workload(w)
+    assert "replayed" in report["flops_source"]
+    counted = report["step_flops"]
+    assert (counted["matmul"], counted["attention"]) == (meta.matmul, meta.attention)
+    fair = report["fairness"]
+    assert (fair["prompt"], fair["negative_prompt"], fair["seed"]) == (w.prompt, w.negative_prompt, 0)
+    rows = [line for line in bench.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 2 and all(f"| {name} |" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_harness_edit_workload() -> None:
+    """Qwen-Image-Edit: the input image reaches both engines (the reference image's tokens follow the noise
+    tokens, its vision tokens are in the text), with the same outputs. (Slow-ish: the reference image is
+    ~1024x1024 whatever the input size, VAE-encoded on the CPU.)"""
+    from benchmarks import step_flops
+    from diffserve.testing.fixtures import fixture_path
+
+    w = bench_e2e.WORKLOADS["tiny-qwen-edit"]
+    report = bench_e2e.main(["tiny-qwen-edit", "--repo", str(fixture_path("qwen-image-edit")), "--device",
+                             "cpu", "--dtype", "fp32", "--steps", "2", "--no-warmup", "--no-roofline"])
+    assert report["output_mean_abs_diff_255_vs_diffusers"]["diffserve"] < 0.01
+    lengths = [str(n) for n in step_flops.text_lengths(w)]
+    assert report["text_tokens_per_call"] == {"diffserve": lengths, "diffusers": lengths}
+    ours, theirs = (report["transformer_inputs_first_step"][k][0] for k in ("diffserve", "diffusers"))
+    # the output's token grid, then the reference image's
+    assert ours["img_shapes"] == theirs["img_shapes"][0] == [[1, 4, 4], [1, 64, 64]]
+    assert ours["x"] == theirs["hidden_states"] == [1, 16 + 64 * 64, 64]
+    assert report["fairness"]["input_image_wh"] == [64, 64]
+
+
+def test_merge_failing_engine_and_sigterm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two invocations merged into one report (outputs compared across them), an engine that fails (an error
+    entry, the next engine runs) and a SIGTERM during an engine (the engines before it are reported)."""
+    import os
+    import signal
+    import time
+
+    from diffserve.testing.fixtures import fixture_path
+
+    out, bench = tmp_path / "report.json", tmp_path / "BENCHMARKS.md"
+    common = ["tiny-hunyuan", "--repo", str(fixture_path("hunyuan-video")), "--device", "cpu",
+              "--dtype", "fp32", "--steps", "1", "--no-warmup", "--no-roofline", "--out", str(out), "--merge",
+              "--outputs", str(tmp_path / "o"), "--benchmarks", str(bench)]
+    bench_e2e.main([*common, "--engines", "diffserve"])
+    report = bench_e2e.main([*common, "--engines", "diffserve[nosuch],diffusers"])
+    assert [r["engine"] for r in report["runs"]] == ["diffserve", "diffusers"]
+    assert "unknown attention backend" in report["errors"]["diffserve[nosuch]"]
+    # diffserve's output is the first invocation's, read back from --outputs
+    assert report["output_mean_abs_diff_255_vs_diffusers"]["diffserve"] < 0.01
+    assert report["speedup_vs_diffusers"]["diffusers"] == {"per_step": 1.0, "e2e": 1.0}
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the engine")
+
+    monkeypatch.setattr(bench_e2e, "run_diffusers", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    report = bench_e2e.main([*common, "--engines", "diffusers,diffserve"])
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert report["notes"][0].startswith("stopped by signal 15 during diffusers")
+    assert report["notes"][1].startswith("not run: diffserve")
+    assert [r["engine"] for r in report["runs"]] == ["diffserve", "diffusers"]  # the earlier calls' runs
+    rows = [line for line in bench.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 2  # one per engine that ran to its end: diffserve, then diffusers
+
+
+def test_shallow_text_encoders(tmp_path: Path) -> None:
+    """--text-layers: the big text encoders' configs with fewer layers (everything else real), and the
+    report's GiB of weights a full-size repo built that way lacks."""
+    from diffserve.testing.fixtures import component_plan
+
+    qwen = next(c for c in component_plan("qwen-image", "full") if c.kind == "qwen2_5_vl")
+    short = bench_e2e.with_text_layers(qwen, 4).config
+    assert short["text_config"]["num_hidden_layers"] == 4 and len(short["text_config"]["layer_types"]) == 4
+    assert short["vision_config"] == qwen.config["vision_config"]
+    assert qwen.config["text_config"]["num_hidden_layers"] == 28  # the plan itself is untouched
+    llama = next(c for c in component_plan("hunyuan-video", "full") if c.kind == "llama")
+    (tmp_path / "text_encoder").mkdir()
+    config = bench_e2e.with_text_layers(llama, 4).config
+    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps(config))
+    depths = bench_e2e.text_encoder_depths(tmp_path, bench_e2e.WORKLOADS["hunyuan-720p"], torch.bfloat16)
+    d, ff, kv = 4096, 14336, 1024
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o; k, v; gate, up, down; two RMSNorms
+    assert depths == {"text_encoder": {"layers": 4, "real_layers": 32,
+                                       "gib_not_built": round(28 * per_layer * 2 / 2**30, 2)}}
+
+
+def test_qwen_step_flops_match_the_architecture() -> None:
+    """benchmarks/step_flops.py for Qwen-Image (tiny config, hand count): per call, the image and the text
+    stream of every block (q, k, v, out; GELU MLP), its AdaLN modulations, the embedders and the head; one
+    joint attention over [text; image] per block."""
+    from benchmarks import step_flops
+    from diffserve.testing.fixtures import component_plan
+
+    w = bench_e2e.WORKLOADS["tiny-qwen"]
+    cfg = next(c.config for c in component_plan("qwen-image", "tiny") if c.name == "transformer")
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    d, img = heads * head_dim, (w.height // 16) * (w.width // 16)
+
+    def mm(tokens: int, k: int, n: int) -> int:
+        return 2 * tokens * k * n
+
+    def stream(tokens: int) -> int:
+        return 4 * mm(tokens, d, d) + mm(tokens, d, 4 * d) + mm(tokens, 4 * d, d)
+
+    def call(txt: int) -> int:
+        block = stream(img) + stream(txt) + 2 * mm(1, d, 6 * d)
+        embeds = mm(img, cfg["in_channels"], d) + mm(txt, cfg["joint_attention_dim"], d) + mm(1, 256, d)
+        head = mm(1, d, 2 * d) + mm(img, d, 4 * cfg["out_channels"])
+        return cfg["num_layers"] * block + embeds + mm(1, d, d) + head
+
+    texts = step_flops.text_lengths(w)
+    flops = step_flops.count_workload(w)
+    assert flops.matmul == sum(call(t) for t in texts)
+    attention = [roofline.attention_flops((1, img + t, heads, head_dim), (1, img + t, heads, head_dim))
+                 for t in texts]
+    assert flops.attention == cfg["num_layers"] * sum(attention)
+
+
+def test_scaling_harness_runs_qwen_with_true_cfg(tmp_path: Path) -> None:
+    """bench_scaling.py on tiny Qwen-Image: the negative prompt (true CFG) and 2 warm-up steps (its schedule
+    needs two) reach the engine; a layout the heads do not allow is an error row."""
+    from benchmarks import bench_scaling
+    from diffserve.testing.fixtures import fixture_path
+
+    args = ["tiny-qwen", "--repo", str(fixture_path("qwen-image")), "--device", "cpu", "--dtype", "fp32",
+            "--steps", "2", "--layouts", "1;u8", "--out", str(tmp_path / "s.json")]
+    rows = bench_scaling.main(args)["tiny-qwen"]
+    assert rows[0]["per_step_s"] > 0 and rows[0]["mean_abs_diff_255_vs_1gpu"] == 0.0
+    assert "does not divide" in rows[1]["error"]
+    assert bench_scaling.conditioning(bench_e2e.WORKLOADS["tiny-qwen"]) == {"negative_prompt": " "}
