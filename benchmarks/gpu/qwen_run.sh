@@ -19,11 +19,12 @@
 # - The Qwen2.5-VL text encoder is written with TEXT_LAYERS (default 4) of its 28 decoder layers: real widths,
 #   vocabulary, vision tower and output (the transformer gets the same inputs). The full repo (~58 GB:
 #   transformer 41 GB + text encoder 16.6 GB) does not fit the 64 GiB disk beside the system, and writing and
-#   loading it four times would not fit 10 minutes. Both engines run the same shallow encoder, so text
-#   encoding (part of the fixed cost) is cheaper than the real model's by the same amount for both (at these
-#   text lengths a few ms for T2I, tens of ms with the edit's ~1,400 vision tokens, against ~30 s of denoising),
-#   and each reported peak is lower than a real run's by the weights not built
-#   ("fairness.text_encoders.text_encoder.gib_not_built", ~10.4 GiB). TEXT_LAYERS=0 builds the real depth.
+#   loading it five times would not fit 10 minutes. Both engines run the same shallow encoder, so text
+#   encoding (part of the fixed cost) is cheaper than the real model's by the same amount for both: the 24
+#   missing layers (5.6 B parameters) would add roughly 10 ms per image for T2I (prompt and negative prompt,
+#   ~30 tokens each) and some 50 ms for the edit (~1,400 tokens with the image's vision tokens), an estimate
+#   from their size, against ~30 s of denoising; each reported peak is lower than a real run's by the weights
+#   not built ("fairness.text_encoders.text_encoder.gib_not_built", ~10.4 GiB). TEXT_LAYERS=0: real depth.
 # - Same prompt, negative prompt " ", input image (deterministic, 1024x1024), seed 0, size, bf16 everywhere
 #   (text encoder and VAE included), same timed steps and warm-up; the text lengths each transformer call got are
 #   in the report (the same for every engine).
@@ -44,6 +45,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 STATE=${STATE:-/tmp/bench-$which}
 OUT=${OUT:-$STATE/out}
 mkdir -p "$STATE" "$OUT"
+# the disk holds one of these repos at a time: drop the other workloads' (a later call rebuilds them)
+for d in /tmp/bench-*; do
+  [ "$d" = "$STATE" ] || rm -rf "$d"/qwen-image "$d"/qwen-image-edit "$d"/hunyuan-video "$d"/*.partial "$d"/outputs
+done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 df -h /tmp | tail -1 | tee -a "$OUT/gpu.txt"
 layers=${TEXT_LAYERS:-4}
