@@ -7,9 +7,10 @@ bodies, unknown fields, over-cost and over-size requests, junk methods and paths
 (created, then polled to the end). Faults are injected midway: the image worker is killed (SIGKILL) and the
 video worker is stopped (SIGSTOP; its heartbeats stop, the server must kill and replace it).
 
-Every request is bounded in time (`--request-timeout`) and the whole run by `--time-limit`. Reported: sent,
-answered (any HTTP answer but 429), 429 (queue full), lost (no answer: connection error or timeout), answers
-that broke the rules (a valid request answered 4xx, a bad one not 4xx, any 5xx outside the fault windows,
+Clients behave: a valid request answered 429 is sent again after its Retry-After (at most 2 s, while the
+run's time lasts). Every request is bounded in time (`--request-timeout`) and the whole run by `--time-limit`.
+Reported: sent, answered (any HTTP answer but 429), 429 (still queue-full when its client gave up), retries
+after a 429, lost (no answer: connection error or timeout), answers that broke the rules (a valid request answered 4xx, a bad one not 4xx, any 5xx outside the fault windows,
 a job that never finished), the /metrics page size, and the memory (RSS) of the front processes before and
 after. The test suite runs a small version (tests/test_server_load.py); the full size is the default here:
 
@@ -84,6 +85,7 @@ class Tally:
     sent: int = 0
     answered: int = 0
     rate_limited: int = 0
+    retries: int = 0
     lost: int = 0
     statuses: Counter = field(default_factory=Counter)
     broken: list[str] = field(default_factory=list)  # answers that broke the rules
@@ -104,7 +106,7 @@ class Tally:
 
     def summary(self) -> dict[str, Any]:
         return {"sent": self.sent, "answered": self.answered, "429": self.rate_limited, "lost": self.lost,
-                "statuses": dict(self.statuses), "broken": self.broken[:20]}
+                "retries_after_429": self.retries, "statuses": dict(self.statuses), "broken": self.broken[:20]}
 
 
 def rss_mb(pid: int) -> float:
@@ -119,6 +121,18 @@ def _send(client: httpx.Client, method: str, path: str, body: Any) -> httpx.Resp
     if isinstance(body, bytes):
         return client.request(method, path, content=body, headers={"content-type": "application/json"})
     return client.request(method, path, json=body)
+
+
+def _send_politely(client: httpx.Client, method: str, path: str, body: Any, tally: Tally,
+                   deadline: float) -> httpx.Response:
+    """Send; on 429 wait its Retry-After (at most 2 s) and send again while the run's time lasts."""
+    while True:
+        r = _send(client, method, path, body)
+        if r.status_code != 429 or time.monotonic() + 2 > deadline:
+            return r
+        with tally.lock:
+            tally.retries += 1
+        time.sleep(min(2.0, float(r.headers.get("retry-after", "1"))))
 
 
 def _code(r: httpx.Response) -> str | None:
@@ -166,7 +180,8 @@ def run_images(server: ServerProcess, cfg: LoadConfig, faults: Faults, deadline:
         label, method, path, body, expected = _image_request(i, cfg.steps)
         try:
             with httpx.Client(base_url=server.url, headers=server.headers, timeout=cfg.request_timeout_s) as c:
-                r = _send(c, method, path, body)
+                r = _send_politely(c, method, path, body, tally, deadline) if expected == 200 else _send(
+                    c, method, path, body)
         except httpx.HTTPError:
             tally.record(label, None, False)
             return
@@ -192,7 +207,7 @@ def run_videos(server: ServerProcess, cfg: LoadConfig, faults: Faults, deadline:
                     "num_inference_steps": cfg.steps}
         try:
             with httpx.Client(base_url=server.url, headers=server.headers, timeout=cfg.request_timeout_s) as c:
-                r = _send(c, "POST", "/v1/videos", body)
+                r = _send_politely(c, "POST", "/v1/videos", body, tally, deadline)
         except httpx.HTTPError:
             tally.record(label, None, False)
             return

@@ -2,7 +2,8 @@
 120 image requests and 12 video jobs at once on the embedded models (2 steps), a quarter of them bad inputs,
 while the image worker is killed (SIGKILL) and the video worker stopped (SIGSTOP: its missed heartbeats get it
 killed and replaced, its running job failed with ``worker_stalled``); then the video server's front is killed
-mid-job and restarted on the same output folder (jobs survive, the running one is failed with a reason).
+mid-job and restarted on the same output folder (jobs survive, the running one is failed with a reason), and
+the image server's worker is killed where it cannot be reloaded (the server exits 1 after three tries).
 Loopback only; every request and the run are bounded in time."""
 
 from __future__ import annotations
@@ -73,3 +74,13 @@ def test_jobs_survive_a_killed_front(servers: tuple[ServerProcess, ServerProcess
             assert cut["status"] == "failed" and cut["error"]["code"] == "server_restarted", cut
     finally:
         assert again.stop() == 0
+
+
+def test_worker_that_cannot_be_reloaded_exits_1(servers: tuple[ServerProcess, ServerProcess]) -> None:
+    """After three failed reloads the server answered 503 forever without exiting. Last: it ends the image
+    server."""
+    image, _ = servers
+    (image.output_dir / ".fault-fail-load").touch()  # every later load fails (fault injection is on)
+    os.kill(image.worker_pid(), signal.SIGKILL)
+    assert image.proc.wait(90) == 1
+    assert "gave up after 3 tries" in image.log() and image.log().count("injected load failure") >= 3

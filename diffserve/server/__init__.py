@@ -3,6 +3,8 @@
 Process layout: the front process runs FastAPI on uvicorn (`app`, `routes_*`), validates requests against
 the model's defaults and queues them (`scheduler`); a supervisor thread (`supervisor`) cuts batches from the
 queue and feeds them to the model worker, a separate spawned process that owns the `Engine` (`worker`),
-relaying progress and results back and restarting the worker if it dies. Video jobs live in `jobs`,
-metrics in `metrics`, request bodies and the error shape in `protocol`, the CLI in `cli`.
+relaying progress and results back and restarting the worker if it dies or stalls (`watchdog`: heartbeats,
+batch deadlines). Video jobs live in `jobs` (SQLite, surviving restarts), output files in `outputs` (the one
+place they are written; TTL and quota), metrics in `metrics`, request bodies, text checks and the error shape
+in `protocol`, input images in `inputs`, the CLI in `cli`.
 """

@@ -270,8 +270,7 @@ def worker_main(cfg: WorkerConfig, tasks: Connection, events: Connection, cancel
     close = getattr(engine, "close", None)  # a multi-GPU engine stops its rank processes
     if close is not None:
         close()
-    # Every result has been sent and every file written atomically: skip the interpreter's teardown of torch
-    # and the model, which takes seconds.
+    # Every result has been sent: skip the interpreter's teardown of torch and the model, which takes seconds.
     os._exit(0)
 
 
