@@ -85,8 +85,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="fixed part of every batch's deadline, in seconds; the rest is 4x its expected time "
                         "from its size and steps at the measured speed (default 300)")
     w.add_argument("--cancel-grace", type=float, default=30.0,
-                   help="seconds a fully cancelled batch may run on before the worker is restarted to stop it "
-                        "(default 30)")
+                   help="seconds a fully cancelled batch may run on before the worker is restarted to stop it; "
+                        "at least as long as the model took to load (default 30)")
     return p
 
 

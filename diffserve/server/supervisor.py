@@ -90,6 +90,7 @@ class WorkerSupervisor:
         self._serving = False  # heartbeats are required (only once the model is loaded)
         self._deadline: float | None = None
         self._steps: tuple[int, int] | None = None  # (done, total) denoising steps of the running batch
+        self.load_s = 0.0  # how long the last worker took to load the model
         self.state = "starting"
         self.pid: int | None = None
         self.restarts = 0
@@ -130,7 +131,7 @@ class WorkerSupervisor:
                 "running": running, "pipeline": info.pipeline_class if info else None,
                 "device": info.device if info else None, "dtype": info.dtype if info else None,
                 "last_heartbeat_s": round(now - self._last_heard, 3) if self._serving else None,
-                "batch_steps": list(self._steps) if self._steps else None,
+                "batch_steps": list(self._steps) if self._steps else None, "load_s": round(self.load_s, 2),
                 "batch_deadline_in_s": round(deadline - now, 3) if deadline is not None else None}
 
     def retry_after_s(self) -> int:
@@ -228,6 +229,7 @@ class WorkerSupervisor:
         # worker stays daemonic so it cannot outlive a front that exits without stopping it.
         proc = ctx.Process(target=worker_main, args=(self.cfg, task_r, ev_w, cancel_r), name="diffserve-worker",
                            daemon=self.cfg.parallel is None)
+        launched = time.monotonic()
         proc.start()
         for end in (task_r, ev_w, cancel_r):
             end.close()
@@ -249,6 +251,7 @@ class WorkerSupervisor:
         if msg is None:
             return False
         self.info = msg
+        self.load_s = time.monotonic() - launched
         self._last_heard = time.monotonic()
         self._serving = True
         self._set_state("ready")
@@ -386,21 +389,24 @@ class WorkerSupervisor:
 
     def _check_time(self, started: float) -> None:
         """_WorkerStalled when the batch is past its deadline, or every request of it was cancelled more than
-        the cancel grace ago and it still runs (a long step, or preprocessing that never reaches a step)."""
+        the cancel grace ago and it still runs (a long step, or preprocessing that never reaches a step); a
+        fully cancelled batch killed for either reason has its requests reported cancelled."""
         now = time.monotonic()
-        if self._deadline is not None and now > self._deadline:
-            limit = self._deadline - started
-            reason = f"a batch ran past its deadline of {limit:.0f} s (from its size and steps); the worker was killed"
-            raise _WorkerStalled(reason, APIError(
-                504, f"this request did not finish within its deadline of {limit:.0f} s, set from its size and "
-                     "steps; the worker was restarted", type="server_error", code="generation_timeout"))
+        late = self._deadline is not None and now > self._deadline
         with self._lock:
             items = list(self._running.values())
         if items and all(it.cancelled for it in items):
             since = max(it.cancelled_at or now for it in items)
-            if now - since > self.watchdog.cancel_grace_s:
-                raise _WorkerStalled(f"a cancelled batch did not stop within {self.watchdog.cancel_grace_s:g} s; "
-                                     "the worker was killed", None)
+            grace = max(self.watchdog.cancel_grace_s, self.load_s)  # a restart frees the worker no sooner
+            if late or now - since > grace:
+                raise _WorkerStalled(f"a cancelled batch did not stop within {now - since:.0f} s; the worker was "
+                                     "killed", None)
+        elif late:
+            limit = self._deadline - started  # type: ignore[operator]
+            reason = f"a batch ran past its deadline of {limit:.0f} s (from its size and steps); the worker was killed"
+            raise _WorkerStalled(reason, APIError(
+                504, f"this request did not finish within its deadline of {limit:.0f} s, set from its size and "
+                     "steps; the worker was restarted", type="server_error", code="generation_timeout"))
 
     def _finish(self, item: WorkItem, done: ItemDone) -> None:
         """Hand the outcome to the request; outputs of a cancelled request are deleted."""

@@ -10,7 +10,9 @@ first steps of the batch in hand), and gives each batch the deadline
 allowance until a first step has been timed. A batch still running at its deadline is taken for hung: the
 worker is killed and restarted and the batch's requests fail with 504 ``generation_timeout``. The
 heartbeat rule catches a worker that is not scheduled at all (stopped, frozen machine): no message for
-`heartbeat_timeout_s` while it serves and it is killed the same way (500 ``worker_stalled``).
+`heartbeat_timeout_s` while it serves and it is killed the same way (500 ``worker_stalled``). A batch whose
+requests were all cancelled but which does not reach a step boundary (where it would stop) within
+`cancel_grace_s`, or within the time the model took to load if that is longer, is ended the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ class WatchdogConfig:
     heartbeat_timeout_s: float = 30.0  # no message from a serving worker for this long: it is stalled
     batch_base_s: float = 300.0  # the fixed part of every batch's deadline
     slack: float = 4.0  # how many times its expected time a batch may take beyond base_s
-    cancel_grace_s: float = 30.0  # a fully cancelled batch still running after this long: kill the worker
+    # A fully cancelled batch still running after this long (or after as long as the model took to load, if
+    # longer: a restart would not free the worker sooner) is stopped by killing the worker.
+    cancel_grace_s: float = 30.0
 
 
 class BatchClock:
