@@ -37,6 +37,7 @@ import httpx
 from diffserve.server.testing import ServerProcess, start_server, wait_health
 
 KEY = "sk-load"
+SLOW_STEPS = 200  # the video job that is running when its worker is stopped
 FAULT_CODES = {"worker_died", "worker_stalled", "generation_timeout"}
 SERVER_ARGS = ("--device", "cpu", "--max-batch-size", "8", "--batch-wait-ms", "10", "--log-level", "warning",
                "--worker-heartbeat-timeout", "3", "--max-upload-mb", "2")
@@ -204,7 +205,7 @@ def run_videos(server: ServerProcess, cfg: LoadConfig, faults: Faults, deadline:
         else:
             label, expected = "valid", 200
             body = {"prompt": f"a blue square moving right {i}", "size": "32x32", "seed": i,
-                    "num_inference_steps": cfg.steps}
+                    "num_inference_steps": SLOW_STEPS if i == 0 else cfg.steps}  # job 0 runs while stopped
         try:
             with httpx.Client(base_url=server.url, headers=server.headers, timeout=cfg.request_timeout_s) as c:
                 r = _send_politely(c, "POST", "/v1/videos", body, tally, deadline)
@@ -236,9 +237,13 @@ def run_videos(server: ServerProcess, cfg: LoadConfig, faults: Faults, deadline:
 
 
 def _stop_video_worker(server: ServerProcess, faults: Faults) -> None:
-    """SIGSTOP the video worker once it runs a job; the server must notice the silence and replace it."""
+    """SIGSTOP the video worker while it runs the slow job; the server must notice the silence and replace it."""
+    def slow_job_running(_: int, health: dict) -> bool:
+        steps = health["worker"]["batch_steps"]
+        return bool(steps) and steps[1] == SLOW_STEPS and steps[0] >= 1
+
     try:
-        wait_health(server, lambda _, b: b["worker"]["running"] > 0, "a running video job", timeout=30)
+        wait_health(server, slow_job_running, "the slow video job to run", timeout=60)
     except TimeoutError:
         return
     pid = server.worker_pid()
