@@ -120,6 +120,12 @@ def test_huge_input_image_is_refused_before_decoding(tmp_path: Path) -> None:
                        param="input_reference", code="invalid_image")
     assert "8000x8000" in err["message"] and time.monotonic() - start < 2.0
     assert items == [] and http.get("/v1/models").json()["data"][0]["limits"]["max_input_pixels"] == 4096**2
+    edit_model = ModelDefaults(kind="image", height=64, width=64, num_inference_steps=4, guidance_scale=1.0,
+                               accepts_image=True, needs_image=True, size_from_image_area=64 * 64)
+    edit, _, edits = stub_app(tmp_path / "edit", edit_model)  # edits take the same path
+    assert_error(edit.post("/v1/images/edits", data={"prompt": "x"}, files={"image": ("a.png", bomb, "image/png")}),
+                 400, param="image", code="invalid_image")
+    assert edits == []
 
 
 def test_large_input_image_is_shrunk_and_queued_compressed(tmp_path: Path) -> None:
@@ -141,7 +147,7 @@ def test_large_input_image_is_shrunk_and_queued_compressed(tmp_path: Path) -> No
 
 def test_working_size_covers_what_the_model_uses() -> None:
     assert WorkingSize(832, 480).scale((8000, 8000)) == pytest.approx(832 / 8000)
-    assert WorkingSize(area=1024 * 1024).scale((4096, 4096)) == pytest.approx(0.25)
+    assert WorkingSize(area=1024 * 1024).scale((4096, 4096)) == pytest.approx((1024 + 32) / 4096)
     assert WorkingSize(64, 64).scale((1000, 500)) == 1.0  # never below a 512 short side
     assert WorkingSize(64, 64).scale((2048, 1024)) == 0.5
 

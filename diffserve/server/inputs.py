@@ -34,8 +34,9 @@ MIN_INPUT_EDGE = 512  # input images keep at least this short side (image encode
 @dataclass(frozen=True)
 class WorkingSize:
     """The least an input image must keep for the model to see all it uses: both sides at least
-    `width` x `height` (image-to-video models resize the image to the output size), at least `area` pixels
-    (edit models resize it to about that area at its aspect ratio), and a short side of MIN_INPUT_EDGE."""
+    `width` x `height` (image-to-video models resize the image to the output size), about `area` pixels
+    (edit models resize it to that area at its aspect ratio, rounding the sides to multiples of 32: a
+    32-pixel margin covers the rounding), and a short side of MIN_INPUT_EDGE."""
 
     width: int = 0
     height: int = 0
@@ -44,7 +45,8 @@ class WorkingSize:
     def scale(self, size: tuple[int, int]) -> float:
         """The factor an image of `size` may be shrunk by (1.0: keep it)."""
         w, h = size
-        need = max(self.width / w, self.height / h, math.sqrt(self.area / (w * h)), MIN_INPUT_EDGE / min(w, h))
+        by_area = (math.sqrt(self.area) + 32) / math.sqrt(w * h) if self.area else 0.0
+        need = max(self.width / w, self.height / h, by_area, MIN_INPUT_EDGE / min(w, h))
         return min(1.0, need)
 
 
