@@ -214,8 +214,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffserve.engine.engine import ProgressBar
     from diffserve.media import check_output_target, numbered_paths, resolve_format
     from diffserve.models.loader import read_model_index, resolve_model_path
+    from diffserve.parallel.mesh import parallel_config_from_args
     from diffserve.pipelines.registry import defaults_from_configs
 
+    parallel_config_from_args(args)  # the layout flags alone, before any file is read
     jobs = _jobs(args)
     wants_video = args.output_format in ("mp4", "gif", "frames") or any(
         f.get("num_frames") is not None or f.get("image_path") for _, f, _ in jobs)

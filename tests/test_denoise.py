@@ -286,3 +286,40 @@ def test_cfg_parallel_runner_matches_sequential_under_gloo() -> None:
         single = ranks[0][name][0]
         for r in range(2):
             assert torch.equal(ranks[r][name][1], single), (name, r)  # both ranks: the single-process latents
+
+
+def test_pipeline_checks_cancellation_between_stages() -> None:
+    """A request cancelled while an early stage runs (image preprocessing, say) stops before the next stage."""
+    import pytest as _pytest
+
+    from diffserve.config import ModelDefaults
+    from diffserve.errors import CancelledError
+    from diffserve.pipelines.base import ComposedPipeline, InputValidationStage, PipelineStage, PipelineState
+
+    ran: list[str] = []
+    flag = {"stop": False}
+
+    class Slow(PipelineStage):
+        name = "slow"
+
+        def run(self, state: PipelineState) -> None:
+            ran.append(self.name)
+            flag["stop"] = True  # the client gives up while this stage runs
+
+    class Next(PipelineStage):
+        name = "next"
+
+        def run(self, state: PipelineState) -> None:
+            ran.append(self.name)
+
+    class NoCheck(InputValidationStage):
+        def run(self, state: PipelineState) -> None:
+            pass
+
+    defaults = ModelDefaults(kind="image", height=8, width=8, num_inference_steps=1, guidance_scale=0.0)
+    pipe = ComposedPipeline("toy", [NoCheck(defaults), Slow(), Next()], defaults)
+    state = PipelineState(requests=[], device=torch.device("cpu"), dtype=torch.float32,
+                          should_stop=lambda: flag["stop"])
+    with _pytest.raises(CancelledError):
+        pipe(state)
+    assert ran == ["slow"]

@@ -154,6 +154,7 @@ class ComposedPipeline:
         for stage in self.stages:
             start = time.perf_counter()
             try:
+                state.check_cancelled()  # between stages too: a deleted job stops before its next stage
                 stage.run(state)
             except Exception as e:  # keep the type (OOM, user errors); say which stage raised
                 e.add_note(f"in pipeline stage {stage.name!r} of {self.name}")
