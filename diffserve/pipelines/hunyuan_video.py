@@ -34,7 +34,7 @@ from diffserve.pipelines.base import (
     repo_defaults,
 )
 from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
-from diffserve.pipelines.stages.latents import initial_noise
+from diffserve.pipelines.stages.latents import initial_noise, video_latent_shape
 from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output
 from diffserve.schedulers.flow_match import FlowMatchConfig, FlowMatchEulerSampler
 from diffserve.schedulers.guidance import EmbeddedGuidance
@@ -139,8 +139,8 @@ class HunyuanLatentStage(PipelineStage):
 
     def run(self, state: PipelineState) -> None:
         r, c = state.request, self.c
-        f_lat = (int(r.num_frames) - 1) // c.scale_temporal + 1  # type: ignore[arg-type]
-        shape = (c.transformer.cfg.in_channels, f_lat, r.height // c.scale_spatial, r.width // c.scale_spatial)
+        shape = video_latent_shape(c.transformer.cfg.in_channels, int(r.num_frames), r.height, r.width,  # type: ignore[arg-type]
+                                   c.scale_temporal, c.scale_spatial)
         state.latents = initial_noise(state.requests, shape, state.device, torch.float32)
 
 

@@ -39,7 +39,7 @@ from diffserve.pipelines.base import (
     repo_defaults,
 )
 from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
-from diffserve.pipelines.stages.latents import initial_noise
+from diffserve.pipelines.stages.latents import initial_noise, video_latent_shape
 from diffserve.pipelines.stages.text import repeat_per_output, umt5_embeddings
 from diffserve.schedulers.dmd import DMDSampler, dmd_schedule
 from diffserve.schedulers.guidance import ClassifierFreeGuidance
@@ -177,8 +177,8 @@ class WanLatentStage(PipelineStage):
 
     def run(self, state: PipelineState) -> None:
         r, c = state.request, self.c
-        f_lat = (int(r.num_frames) - 1) // c.scale_temporal + 1  # type: ignore[arg-type]
-        shape = (c.vae.config.z_dim, f_lat, r.height // c.scale_spatial, r.width // c.scale_spatial)
+        shape = video_latent_shape(c.vae.config.z_dim, int(r.num_frames), r.height, r.width,  # type: ignore[arg-type]
+                                   c.scale_temporal, c.scale_spatial)
         state.latents = initial_noise(state.requests, shape, state.device, torch.float32)
 
 

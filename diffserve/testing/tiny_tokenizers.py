@@ -32,6 +32,9 @@ import math
 from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
 from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
+from diffserve.pipelines.hunyuan_video import CROP_START as HUNYUAN_CROP_START
+from diffserve.pipelines.hunyuan_video import PROMPT_TEMPLATE as HUNYUAN_PROMPT_TEMPLATE
+
 CLIP_VOCAB_SIZE = 1000
 """Size of the tiny CLIP vocabulary, special tokens included (real CLIP: 49408)."""
 T5_VOCAB_SIZE = 512
@@ -329,19 +332,11 @@ LLAMA_MODEL_MAX_LENGTH = 2048
 LLAMA_BOS, LLAMA_EOS, LLAMA_PAD = "<|begin_of_text|>", "<|end_of_text|>", "<pad>"
 LLAMA_CHAT_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
-HUNYUAN_VIDEO_TEMPLATE = (
-    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
-    "1. The main content and theme of the video."
-    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
-    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
-    "4. background environment, light, style and atmosphere."
-    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
-    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
-)
-"""HunyuanVideo's prompt template (the real one). With the real tokenizer its part before the prompt is
-95 tokens, the `crop_start` the pipeline drops; the tiny LLaMA tokenizer is laid out so it is 95 there too
-(see :func:`build_llama_tokenizer`)."""
-HUNYUAN_VIDEO_CROP_START = 95
+# HunyuanVideo's prompt template and crop are the recipe's own (one copy): with the real tokenizer the part
+# before the prompt is 95 tokens, the `crop_start` the pipeline drops; the tiny LLaMA tokenizer is laid out so it
+# is 95 there too (see :func:`build_llama_tokenizer`).
+HUNYUAN_VIDEO_TEMPLATE = HUNYUAN_PROMPT_TEMPLATE
+HUNYUAN_VIDEO_CROP_START = HUNYUAN_CROP_START
 
 
 @functools.lru_cache(maxsize=1)

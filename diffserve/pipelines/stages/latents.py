@@ -21,3 +21,10 @@ def initial_noise(requests: list[GenerationRequest], sample_shape: tuple[int, ..
         g = torch.Generator("cpu").manual_seed(int(r.seed))  # type: ignore[arg-type]
         parts.append(torch.randn((r.num_outputs, *sample_shape), generator=g, dtype=noise_dtype))
     return torch.cat(parts).to(device=device)
+
+
+def video_latent_shape(channels: int, num_frames: int, height: int, width: int, scale_temporal: int,
+                       scale_spatial: int) -> tuple[int, int, int, int]:
+    """(C, F_lat, H/s, W/s) latents of a causal video VAE (Wan, HunyuanVideo): the first frame is its own latent
+    frame and every `scale_temporal` frames after it share one, so F_lat = (F - 1) / t + 1."""
+    return channels, (num_frames - 1) // scale_temporal + 1, height // scale_spatial, width // scale_spatial
