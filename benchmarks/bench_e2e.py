@@ -441,6 +441,7 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: 
     from diffserve.config import EngineConfig, parse_dtype
 
     spec = parse_engine(name)
+    resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0  # left by earlier engines
     engine = Engine(EngineConfig(model_path=str(repo), dtype=parse_dtype(dtype), device=torch.device(device),
                                  attention_backend=spec.backend, compile=spec.compile, fuse=spec.fuse,
                                  vae_dtype=torch.bfloat16 if spec.vae_bf16 else None,
@@ -474,6 +475,7 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: 
     stages: dict[str, object] = {k: round(v, 4) for k, v in t.items()}
     stages["warmup_s"] = round(warm_s, 2)
     stages["attention"] = engine.attention.backend
+    stages["resident_before_gib"] = round(resident / 2**30, 2)
     if syncs:
         stages["host_syncs_in_denoising"] = syncs[0]
     run = Run(name, steps, t["total"], t["denoising"], t["denoising"] / steps,
