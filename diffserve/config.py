@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from diffserve.accel.cache_config import StepCacheConfig, check_threshold
 from diffserve.errors import InvalidRequestError, UserError
 from diffserve.lora.spec import LoraSet, LoraSpec
 
@@ -85,6 +86,8 @@ class EngineConfig:
     # that each request may switch (`GenerationRequest.lora`).
     loras: tuple[LoraSpec, ...] = ()
     lora_mode: str = "merged"
+    # Lossy step caching (`diffserve.accel.step_cache`), off by default; requests may change its threshold.
+    step_cache: StepCacheConfig = field(default_factory=StepCacheConfig)
 
     @property
     def fusions_enabled(self) -> bool:
@@ -146,6 +149,9 @@ class GenerationRequest:
     # LoRA adapters by name (a LoraSet, or what `LoraSet.parse` takes: "name", "name:0.8", a list, ...);
     # None: the engine's start-up set, an empty list: none.
     lora: object | None = None
+    # Step-cache threshold for this request (0: cache off; engines started with a step cache only);
+    # None: the engine's. Lossy: higher is faster and further from the uncached output.
+    cache_threshold: float | None = None
 
     def replace(self, **changes: object) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
@@ -263,6 +269,8 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
     elif req.num_frames not in (None, 1):
         raise InvalidRequestError("num_frames is only accepted by video models; this model makes images",
                                   param="num_frames")
+    if req.cache_threshold is not None:
+        check_threshold(req.cache_threshold)
     if defaults.needs_image and req.image is None:
         raise InvalidRequestError("this model needs an input image (--image-path / image)", param="image")
     if req.image is not None and not defaults.accepts_image:

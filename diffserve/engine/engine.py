@@ -43,6 +43,7 @@ class GenerationResult:
     videos: list[np.ndarray] = field(default_factory=list)  # (F, H, W, 3) uint8 per video (video models)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
     peak_memory_bytes: int | None = None  # CUDA peak allocated on GPU; peak RSS of the process on CPU
+    cache_hit_fraction: float | None = None  # model calls that reused the step cache (None: cache off)
     model: str | None = None  # the model's name (hub id or folder name), recorded by `save`
 
     @property
@@ -118,7 +119,7 @@ class GenerateAPI:
                  width: int | None = ..., num_inference_steps: int | None = ..., guidance_scale: float | None = ...,
                  seed: int | None = ..., num_outputs: int = ..., num_frames: int | None = ..., fps: int | None = ...,
                  image: object | None = ..., max_sequence_length: int | None = ..., lora: object | None = ...,
-                 progress: bool = ...,
+                 cache_threshold: float | None = ..., progress: bool = ...,
                  on_step: StepCallback | None = ..., should_stop: StopCheck | None = ...) -> GenerationResult: ...
 
     @overload
@@ -126,7 +127,7 @@ class GenerateAPI:
                  width: int | None = ..., num_inference_steps: int | None = ..., guidance_scale: float | None = ...,
                  seed: int | None = ..., num_outputs: int = ..., num_frames: int | None = ..., fps: int | None = ...,
                  image: object | None = ..., max_sequence_length: int | None = ..., lora: object | None = ...,
-                 progress: bool = ...,
+                 cache_threshold: float | None = ..., progress: bool = ...,
                  on_step: StepCallback | None = ...,
                  should_stop: StopCheck | None = ...) -> list[GenerationResult]: ...
 
@@ -135,7 +136,8 @@ class GenerateAPI:
                  guidance_scale: float | None = None, seed: int | None = None, num_outputs: int = 1,
                  num_frames: int | None = None, fps: int | None = None,
                  image: Image.Image | str | os.PathLike[str] | Sequence[Image.Image | str] | None = None,
-                 max_sequence_length: int | None = None, lora: object | None = None, progress: bool = True,
+                 max_sequence_length: int | None = None, lora: object | None = None,
+                 cache_threshold: float | None = None, progress: bool = True,
                  on_step: StepCallback | None = None,
                  should_stop: StopCheck | None = None) -> GenerationResult | list[GenerationResult]:
         """Generate images or videos; a field left as None gets the model's default (`engine.defaults`).
@@ -154,6 +156,9 @@ class GenerateAPI:
         max_sequence_length: text tokens (at most the model's).
         lora: LoRA adapters by name ("name", "name:0.8", a list of those, or a LoraSet; engines with
             lora_mode="unmerged"); None: the engine's start-up LoRAs, []: none.
+        cache_threshold: the step-cache threshold for this request (engines started with `step_cache`; 0: off,
+            None: the engine's). Lossy: higher is faster and further from the uncached output;
+            `result.cache_hit_fraction` says how many model calls reused the cache.
         progress: show a tqdm bar of the denoising steps on stderr.
         on_step: called as on_step(steps_done, total_steps); should_stop: polled, True cancels.
 
@@ -166,7 +171,7 @@ class GenerateAPI:
             prompt="", negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
             num_outputs=num_outputs, num_frames=num_frames, fps=fps, image=loaded,
-            max_sequence_length=max_sequence_length, lora=lora)
+            max_sequence_length=max_sequence_length, lora=lora, cache_threshold=cache_threshold)
         step_seed = seed is not None and seed != -1 and len(prompts) > 1
         requests = [base.replace(prompt=p, seed=seed + i if step_seed else seed)  # type: ignore[operator]
                     for i, p in enumerate(prompts)]
@@ -225,6 +230,9 @@ class LocalEngine(GenerateAPI):
             from diffserve.engine.optimize import compile_blocks
 
             self.compiled_blocks = compile_blocks(self.pipeline.components.transformer)  # type: ignore[union-attr]
+        from diffserve.accel.step_cache import install_step_cache
+
+        self.step_cache = install_step_cache(self.pipeline, config.step_cache)  # lossy, opt-in; after compile
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -238,7 +246,16 @@ class LocalEngine(GenerateAPI):
         """Fill defaults and validate without running the model (raises InvalidRequestError)."""
         request = self.pipeline.validate([request])[0]
         self.loras.resolve(request.lora)
+        self.check_cache_requests([request])
         return request
+
+    def check_cache_requests(self, requests: list[GenerationRequest]) -> None:
+        """InvalidRequestError for a request that asks for step caching (cache_threshold > 0) from an engine
+        started without a step cache."""
+        if self.step_cache is None and any(r.cache_threshold for r in requests):
+            raise InvalidRequestError("cache_threshold: this engine was started without a step cache; start it "
+                                      "with --step-cache fbcache (step_cache=\"fbcache\") or leave the field out",
+                                      param="cache_threshold")
 
     def batch_lora(self, requests: list[GenerationRequest]) -> LoraSet:
         """The one LoRA set a batch runs with (the engine's start-up set for requests that leave `lora` out);
@@ -268,6 +285,7 @@ class LocalEngine(GenerateAPI):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         self.loras.activate(self.batch_lora(list(requests)))
+        self.check_cache_requests(requests)
         state = PipelineState(requests=list(requests), device=dev, dtype=self.config.dtype,
                               on_step=on_step, should_stop=should_stop)
         start = time.perf_counter()
@@ -280,7 +298,8 @@ class LocalEngine(GenerateAPI):
         for req in state.requests:
             px = state.pixels[offset: offset + req.num_outputs]
             offset += req.num_outputs
-            res = GenerationResult(request=req, timings=dict(timings), peak_memory_bytes=peak, model=self.model_name)
+            res = GenerationResult(request=req, timings=dict(timings), peak_memory_bytes=peak, model=self.model_name,
+                                   cache_hit_fraction=state.cache_hit_fraction)
             if px.ndim == 5:
                 res.videos = to_video_frames(px)
             else:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from diffserve.accel.cache_config import StepCacheConfig, parse_step_cache
 from diffserve.config import EngineConfig, default_device, parse_device, parse_dtype
 from diffserve.embedded import resolve_model_arg
 from diffserve.engine.engine import LocalEngine
@@ -31,7 +32,8 @@ class Engine(LocalEngine):
                         fuse: bool | None = None,
                         vae_dtype: str | torch.dtype | None = None,
                         loras: Sequence[LoraSpec | str | tuple[str, float]] = (),
-                        lora_mode: str = "merged") -> Engine | ParallelEngine:
+                        lora_mode: str = "merged",
+                        step_cache: StepCacheConfig | str | None = None) -> Engine | ParallelEngine:
         """Load a model (no `model_path`: the embedded image model). With `parallel` asking for more than
         one process (or in a torchrun world of several) the engine is a `ParallelEngine` with the same API
         (docs/PARALLEL.md); otherwise an `Engine` in this process on `device` (default: CUDA if present),
@@ -39,15 +41,21 @@ class Engine(LocalEngine):
 
         `loras`: LoRA files to load, each a (path, scale) pair, `"PATH[:SCALE]"` or a `LoraSpec`;
         `lora_mode`: "merged" (into the weights, fixed) or "unmerged" (adapters each request may switch with
-        `lora=`; more can be loaded with `load_lora`). See `diffserve.lora`."""
+        `lora=`; more can be loaded with `load_lora`). See `diffserve.lora`.
+
+        `step_cache`: lossy step caching, off by default: "fbcache" (default settings) or a `StepCacheConfig`
+        (threshold, warm-up, cap on cached steps in a row); requests may change the threshold
+        (`generate(..., cache_threshold=)`). See `diffserve.accel.step_cache`."""
         model_path = resolve_model_arg(model_path, "image")
         specs = tuple(LoraSpec.coerce(item) for item in loras)
+        cache = parse_step_cache(step_cache)
         if needs_parallel_engine(parallel):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
                                                   attention_backend=attention_backend, parallel=parallel,
-                                                  fuse=fuse, vae_dtype=vae_dtype, loras=specs, lora_mode=lora_mode)
+                                                  fuse=fuse, vae_dtype=vae_dtype, loras=specs, lora_mode=lora_mode,
+                                                  step_cache=cache)
         dev = parse_device(device) if device is not None else default_device()
         dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
-                                compile=compile, fuse=fuse, loras=specs, lora_mode=lora_mode,
+                                compile=compile, fuse=fuse, loras=specs, lora_mode=lora_mode, step_cache=cache,
                                 vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None))

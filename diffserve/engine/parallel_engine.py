@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from diffserve.accel.cache_config import StepCacheConfig
 from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_dtype
 from diffserve.engine.engine import GenerateAPI, GenerationResult
 from diffserve.engine.ranks import (
@@ -212,7 +213,7 @@ class ParallelEngine(GenerateAPI):
                         compile: bool = False, parallel: ParallelConfig | None = None,
                         timeout_s: float = 1800.0, fuse: bool | None = None,
                         vae_dtype: str | torch.dtype | None = None, loras: tuple[LoraSpec, ...] = (),
-                        lora_mode: str = "merged") -> ParallelEngine:
+                        lora_mode: str = "merged", step_cache: StepCacheConfig | None = None) -> ParallelEngine:
         """Start the ranks (or join torchrun's) and load the model on each. Layout errors are raised here
         as ParallelConfigError before any process starts."""
         env = torchrun_env()
@@ -232,10 +233,12 @@ class ParallelEngine(GenerateAPI):
         spec = WorkerSpec(model_path=model_path, dtype=dt, device_type=dev.type,
                           attention_backend=attention_backend, parallel=resolved, compile=compile,
                           timeout_s=timeout_s, fuse=fuse, loras=tuple(loras), lora_mode=lora_mode,
+                          step_cache=step_cache or StepCacheConfig(),
                           vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None)
         config = EngineConfig(model_path=model_path, dtype=dt, device=torch.device(dev.type),
                               attention_backend=attention_backend, compile=compile,
-                              fuse=fuse, vae_dtype=spec.vae_dtype, loras=spec.loras, lora_mode=lora_mode)
+                              fuse=fuse, vae_dtype=spec.vae_dtype, loras=spec.loras, lora_mode=lora_mode,
+                              step_cache=spec.step_cache)
         if env is None:
             return cls(_SpawnedWorld(spec), config)
         return cls(_join_torchrun(spec, env), config)

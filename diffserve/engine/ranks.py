@@ -34,6 +34,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from diffserve.accel.cache_config import StepCacheConfig
+from diffserve.accel.step_cache import set_cache_group
 from diffserve.config import EngineConfig, GenerationRequest
 from diffserve.engine.engine import GenerationResult, LocalEngine
 from diffserve.errors import UserError
@@ -91,6 +93,7 @@ class WorkerSpec:
     vae_dtype: torch.dtype | None = None
     loras: tuple[LoraSpec, ...] = ()  # loaded by every rank, the same way
     lora_mode: str = "merged"
+    step_cache: StepCacheConfig = field(default_factory=StepCacheConfig)  # lossy, off by default
 
 
 def free_port() -> int:
@@ -133,6 +136,7 @@ def parallelize_pipeline(pipeline: ComposedPipeline, attention: AttentionOp, gro
         kernel = partial(sdpa_attention_lse, backend=attention.backend)
         usp = USPAttention(groups.ulysses, groups.ring, kernel)
         comps.transformer = sequence_parallel(comps.transformer, groups.sp, usp)  # type: ignore[attr-defined]
+        set_cache_group(pipeline, groups.sp)  # the step cache (if any) decides alike on every shard
     if cfg.cfg_parallel:
         install_cfg_parallel(pipeline, groups.cfg, pipeline.defaults.uses_negative_prompt)
 
@@ -233,7 +237,7 @@ class RankRuntime:
         engine = LocalEngine(EngineConfig(model_path=spec.model_path, dtype=spec.dtype, device=device,
                                           attention_backend=spec.attention_backend, compile=spec.compile,
                                           fuse=spec.fuse, vae_dtype=spec.vae_dtype, loras=spec.loras,
-                                          lora_mode=spec.lora_mode))
+                                          lora_mode=spec.lora_mode, step_cache=spec.step_cache))
         heads = engine.pipeline.components.transformer.cfg.num_attention_heads  # type: ignore[attr-defined]
         groups = build_mesh_groups(spec.parallel.resolve(heads))
         parallelize_pipeline(engine.pipeline, engine.attention, groups)

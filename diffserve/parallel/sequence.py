@@ -99,7 +99,7 @@ def gather_sequence(x: torch.Tensor, dim: int, group: CommGroup, length: int) ->
 
 def plan_of(model: torch.nn.Module) -> SequencePlan:
     """The model's declared `PLAN` (error naming the model when it has none)."""
-    plan = getattr(type(model), "PLAN", None)
+    plan = getattr(model, "PLAN", None)  # the instance: a transform standing in for the model (step cache) has it
     if not isinstance(plan, SequencePlan):
         raise NotImplementedError(
             f"{type(model).__name__} declares no sequence-parallel PLAN (see diffserve/parallel/plan.py); "

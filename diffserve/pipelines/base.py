@@ -41,6 +41,7 @@ class PipelineState:
     timesteps: torch.Tensor | None = None
     sampler: Sampler | None = None  # this batch's sampler, made by the timestep stage (may keep history)
     pixels: torch.Tensor | None = None  # decoded output in [0, 1]: (B, 3, H, W) or (B, 3, F, H, W)
+    cache_hit_fraction: float | None = None  # model calls that reused the step cache (None: cache off)
 
     @property
     def request(self) -> GenerationRequest:
@@ -104,7 +105,9 @@ BATCH_KEY_FIELDS = ("height", "width", "num_inference_steps", "guidance_scale", 
 
 
 def batch_key(req: GenerationRequest) -> tuple:
-    return tuple(getattr(req, f) for f in BATCH_KEY_FIELDS) + (req.negative_prompt is not None,)
+    # one step-cache threshold per batch (the cache decides for the whole batch)
+    return tuple(getattr(req, f) for f in BATCH_KEY_FIELDS) + (req.negative_prompt is not None,
+                                                               req.cache_threshold)
 
 
 class InputValidationStage(PipelineStage):

@@ -268,16 +268,24 @@ class FluxTransformer(nn.Module):
 
     def blocks(self, tokens: Tokens) -> Tokens:
         """Double-stream blocks on (image, text), then single-stream blocks on [text; image] (B, T+N, C)."""
+        return self.run_blocks(tokens, 0, None)
+
+    def run_blocks(self, tokens: Tokens, start: int, stop: int | None) -> Tokens:
+        """Blocks [start, stop) in `REPEATED_BLOCKS` order (double blocks, then single blocks; None: to the
+        end); `blocks` is run_blocks(tokens, 0, None). Between calls the streams stay separate segments."""
         mod: FluxModulation = tokens.cond
-        order = self.PLAN.joint
-        rope = tokens.joint_rope(order)
+        rope = tokens.joint_rope(self.PLAN.joint)
+        n_double = len(self.transformer_blocks)
+        stop = n_double + len(self.single_transformer_blocks) if stop is None else stop
         x, c = tokens.segments["image"], tokens.segments["text"]
-        for block, (m, cm) in zip(self.transformer_blocks, mod.double, strict=True):
-            x, c = block(x, c, m, cm, rope)
-        h = torch.cat([c, x], dim=1)
-        for block, m in zip(self.single_transformer_blocks, mod.single, strict=True):
-            h = block(h, m, rope)
-        return tokens.with_segments(text=h[:, :c.shape[1]], image=h[:, c.shape[1]:])
+        for k in range(start, min(stop, n_double)):
+            x, c = self.transformer_blocks[k](x, c, *mod.double[k], rope)
+        if stop > n_double:
+            h = torch.cat([c, x], dim=1)
+            for k in range(max(start, n_double) - n_double, stop - n_double):
+                h = self.single_transformer_blocks[k](h, mod.single[k], rope)
+            c, x = h[:, :c.shape[1]], h[:, c.shape[1]:]
+        return tokens.with_segments(text=c, image=x)
 
     def head(self, tokens: Tokens) -> torch.Tensor:
         """Final AdaLN and projection of the image tokens: (B, N, C) -> (B, N, out_ch)."""

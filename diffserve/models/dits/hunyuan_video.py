@@ -472,16 +472,25 @@ class HunyuanVideoTransformer(nn.Module):
     def blocks(self, tokens: Tokens) -> Tokens:
         """Dual-stream blocks on (video, text), then single-stream blocks on [video; text] (B, N+T, C), on
         whatever segment lengths `tokens` holds (a rank's shards under sequence parallelism)."""
+        return self.run_blocks(tokens, 0, None)
+
+    def run_blocks(self, tokens: Tokens, start: int, stop: int | None) -> Tokens:
+        """Blocks [start, stop) in `REPEATED_BLOCKS` order (dual-stream, then single-stream; None: to the
+        end); `blocks` is run_blocks(tokens, 0, None). Between calls the streams stay separate segments."""
         order = self.PLAN.joint
         temb, rope, kv_mask = tokens.cond.temb, tokens.rope["image"], tokens.joint_mask(order)
+        n_dual = len(self.transformer_blocks)
+        stop = n_dual + len(self.single_transformer_blocks) if stop is None else stop
         x, c = tokens.segments["image"], tokens.segments["text"]
-        for block in self.transformer_blocks:
+        for block in self.transformer_blocks[start:min(stop, n_dual)]:
             x, c = block(x, c, temb, rope, kv_mask)
-        n = x.shape[1]
-        h = torch.cat([x, c], dim=1)
-        for block in self.single_transformer_blocks:
-            h = block(h, n, temb, rope, kv_mask)
-        return tokens.with_segments(image=h[:, :n], text=h[:, n:])
+        if stop > n_dual:
+            n = x.shape[1]
+            h = torch.cat([x, c], dim=1)
+            for block in self.single_transformer_blocks[max(start, n_dual) - n_dual:stop - n_dual]:
+                h = block(h, n, temb, rope, kv_mask)
+            x, c = h[:, :n], h[:, n:]
+        return tokens.with_segments(image=x, text=c)
 
     def head(self, tokens: Tokens) -> torch.Tensor:
         """Final AdaLN and projection of the video tokens: (B, N, C) -> (B, N, C_out*pt*p*p)."""

@@ -307,11 +307,15 @@ class QwenImageTransformer(nn.Module):
 
     def blocks(self, tokens: Tokens) -> Tokens:
         """The dual-stream blocks over whatever (possibly sharded) segments `tokens` holds."""
+        return self.run_blocks(tokens, 0, None)
+
+    def run_blocks(self, tokens: Tokens, start: int, stop: int | None) -> Tokens:
+        """Blocks [start, stop) (None: to the end); `blocks` is run_blocks(tokens, 0, None)."""
         order = self.PLAN.joint
         rope, kv_mask = tokens.joint_rope(order), tokens.joint_mask(order)
         temb = tokens.cond.temb
         x, c = tokens.segments["image"], tokens.segments["text"]
-        for block in self.transformer_blocks:
+        for block in self.transformer_blocks[start:stop]:
             x, c = block(x, c, temb, rope, kv_mask)
         return tokens.with_segments(text=c, image=x)
 

@@ -331,10 +331,11 @@ class WanBlocks(nn.ModuleList):
     """The repeated blocks (checkpoint keys `blocks.<i>.*`); calling it runs them all, so `model.blocks(tokens)`
     is the `blocks` step of the DiT shape in `diffserve.parallel.plan`."""
 
-    def forward(self, tokens: Tokens) -> Tokens:
+    def forward(self, tokens: Tokens, start: int = 0, stop: int | None = None) -> Tokens:
+        """Blocks [start, stop) (None: to the end); all of them by default."""
         c: WanCond = tokens.cond
         x, rope = tokens.segments["video"], tokens.rope["video"]
-        for block in self:
+        for block in self[start:stop]:
             x = block(x, c.context, c.image_context, c.t6, rope)
         return tokens.with_segments(video=x)
 
@@ -417,6 +418,10 @@ class WanTransformer(nn.Module):
                 # no separate image K/V: the image tokens join the text as one cross-attention sequence
                 ctx, img = torch.cat([img, ctx], dim=1), None
         return Tokens(segments={"video": tokens}, rope={"video": rope}, cond=WanCond(temb, t6, ctx, img, grid))
+
+    def run_blocks(self, tokens: Tokens, start: int, stop: int | None) -> Tokens:
+        """Blocks [start, stop) (None: to the end); `blocks(tokens)` runs them all."""
+        return self.blocks(tokens, start, stop)
 
     def head(self, tokens: Tokens) -> torch.Tensor:
         """Final AdaLN and projection: (B, N, C) -> (B, N, pt*ph*pw*C_out)."""

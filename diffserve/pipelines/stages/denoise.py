@@ -49,11 +49,22 @@ def sequential_branches(branch: Branch, cond: Cond, uncond: Cond) -> tuple[torch
     return branch(cond), branch(uncond)
 
 
+class StepHook(Protocol):
+    """Something that follows the model calls of a generation (the step cache, `diffserve.accel.step_cache`):
+    `begin` runs once per generation and returns the per-step call to use (it may note each call's branch and
+    step); `hit_fraction` is reported in `state.cache_hit_fraction` at the end."""
+
+    def begin(self, state: PipelineState, predict: PredictFn) -> PredictFn: ...
+
+    def hit_fraction(self) -> float | None: ...
+
+
 class DenoisingStage(PipelineStage):
     """Runs `state.sampler`'s steps over `state.latents` with the recipe's predictor and guidance.
 
     `branches` is the CFG branch runner: `sequential_branches` unless a parallel layout replaces it
-    (`diffserve.parallel.cfg.install_cfg_parallel`)."""
+    (`diffserve.parallel.cfg.install_cfg_parallel`). `step_cache` is None unless the step-cache transform
+    installed one (`diffserve.accel.step_cache.install_step_cache`)."""
 
     name = "denoising"
 
@@ -62,6 +73,7 @@ class DenoisingStage(PipelineStage):
         self.predictor = predictor
         self.guidance = guidance
         self.branches = branches
+        self.step_cache: StepHook | None = None
 
     @property
     def uses_cfg(self) -> bool:
@@ -78,6 +90,8 @@ class DenoisingStage(PipelineStage):
             raise ValueError(f"{type(self.guidance).__name__} takes no unconditional branch, but the pipeline "
                              f"made unconditional conditioning")
         predict = self.predictor.prepare(state)
+        if self.step_cache is not None:
+            predict = self.step_cache.begin(state, predict)
         scale, total = state.request.guidance_scale, len(sampler.timesteps)
         for i in range(total):
             state.check_cancelled()
@@ -91,3 +105,5 @@ class DenoisingStage(PipelineStage):
             x = sampler.step(v, i, x)
             state.step_done(i + 1, total)
         state.latents = x
+        if self.step_cache is not None:
+            state.cache_hit_fraction = self.step_cache.hit_fraction()
