@@ -186,7 +186,7 @@ def _load_engine(args: argparse.Namespace, model_path: str) -> LocalEngine | Par
 
     return Engine.from_pretrained(model_path, dtype=args.dtype, device=args.device,
                                   attention_backend=args.attention_backend, compile=args.compile,
-                                  fuse=args.fuse, vae_dtype=args.vae_dtype,
+                                  fuse=args.fuse, vae_dtype=args.vae_dtype, fp8=args.fp8,
                                   parallel=parallel_config_from_args(args), **lora_options(args))
 
 

@@ -37,8 +37,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="weights and activations precision (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
-    g.add_argument("--attention-backend", choices=("sdpa", "cudnn", "flash", "efficient", "math", "fa3"),
-                   default=None, help="attention kernel (default: the fastest one for the device)")
+    g.add_argument("--attention-backend", choices=("sdpa", "cudnn", "flash", "efficient", "math", "fa3", "sage"),
+                   default=None, help="attention kernel (default: the fastest one for the device); sage: "
+                                      "SageAttention (pip install sageattention==1.0.6), INT8 Q.K^T: lossy, faster "
+                                      "on long sequences, not under --ring-degree > 1")
+    g.add_argument("--fp8", choices=("off", "linear", "attention", "all"), default="off",
+                   help="lossy FP8 (e4m3) compute, off by default: linear = the transformer blocks' matrix "
+                        "multiplies with FP8 weights and per-token FP8 activations (about 2x GEMM throughput; "
+                        "relative error of a layer ~2-3%%), attention = FlashAttention 3's FP8 kernels (needs "
+                        "--attention-backend fa3), all = both. Needs a GPU with FP8 (compute capability 8.9+) "
+                        "and bf16; weights are quantized at load, so it is fixed for the engine and cannot "
+                        "change per request")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the repeated transformer blocks (slower start, faster steps)")
     g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,

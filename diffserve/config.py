@@ -86,6 +86,9 @@ class EngineConfig:
     # that each request may switch (`GenerationRequest.lora`).
     loras: tuple[LoraSpec, ...] = ()
     lora_mode: str = "merged"
+    # Lossy FP8 (`diffserve.layers.fp8`): "off", "linear" (the blocks' GEMMs), "attention" (FA3's FP8 kernels) or
+    # "all"; weights are quantized at load, so it is fixed for the engine's life (CUDA, compute capability 8.9+).
+    fp8: str = "off"
     # Lossy step caching (`diffserve.accel.step_cache`), off by default; requests may change its threshold.
     step_cache: StepCacheConfig = field(default_factory=StepCacheConfig)
 

@@ -211,7 +211,11 @@ class LocalEngine(GenerateAPI):
         self.model_name = root.name if Path(config.model_path).expanduser().exists() else config.model_path
         self.index = read_model_index(root)
         backend = config.attention_backend or default_backend(config.device)
-        self.attention = AttentionOp(backend)
+        if config.fp8 != "off":
+            from diffserve.layers.fp8 import check_fp8
+
+            check_fp8(config.fp8, config.device, config.dtype, backend, config.lora_mode)
+        self.attention = AttentionOp(backend, fp8=config.fp8 in ("attention", "all"))
         self.pipeline: ComposedPipeline = build_pipeline(self.index, config, self.attention)
         transformer = self.pipeline.components.transformer  # type: ignore[union-attr]
         # LoRAs (`diffserve.lora`): merged into the weights before the fusions, so fused projections include
@@ -225,6 +229,10 @@ class LocalEngine(GenerateAPI):
             fuse_kernels(transformer)
         if config.loras and config.lora_mode == "unmerged":
             self.loras.load_startup(config.loras)
+        if config.fp8 in ("linear", "all"):  # lossy; after the fusions (a fused q/k/v is one FP8 GEMM)
+            from diffserve.layers.fp8 import quantize_fp8
+
+            quantize_fp8(transformer)
         self.compiled_blocks = 0
         if config.compile:
             from diffserve.engine.optimize import compile_blocks

@@ -33,7 +33,8 @@ class Engine(LocalEngine):
                         vae_dtype: str | torch.dtype | None = None,
                         loras: Sequence[LoraSpec | str | tuple[str, float]] = (),
                         lora_mode: str = "merged",
-                        step_cache: StepCacheConfig | str | None = None) -> Engine | ParallelEngine:
+                        step_cache: StepCacheConfig | str | None = None,
+                        fp8: str = "off") -> Engine | ParallelEngine:
         """Load a model (no `model_path`: the embedded image model). With `parallel` asking for more than
         one process (or in a torchrun world of several) the engine is a `ParallelEngine` with the same API
         (docs/PARALLEL.md); otherwise an `Engine` in this process on `device` (default: CUDA if present),
@@ -45,7 +46,11 @@ class Engine(LocalEngine):
 
         `step_cache`: lossy step caching, off by default: "fbcache" (default settings) or a `StepCacheConfig`
         (threshold, warm-up, cap on cached steps in a row); requests may change the threshold
-        (`generate(..., cache_threshold=)`). See `diffserve.accel.step_cache`."""
+        (`generate(..., cache_threshold=)`). See `diffserve.accel.step_cache`.
+
+        `fp8`: lossy FP8, off by default: "linear" (the transformer blocks' GEMMs), "attention" (FlashAttention
+        3's FP8 kernels) or "all"; weights are quantized at load, so it is fixed for the engine's life (CUDA
+        with compute capability 8.9+, bf16). See `diffserve.layers.fp8`."""
         model_path = resolve_model_arg(model_path, "image")
         specs = tuple(LoraSpec.coerce(item) for item in loras)
         cache = parse_step_cache(step_cache)
@@ -53,9 +58,11 @@ class Engine(LocalEngine):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
                                                   attention_backend=attention_backend, parallel=parallel,
                                                   fuse=fuse, vae_dtype=vae_dtype, loras=specs, lora_mode=lora_mode,
-                                                  step_cache=cache)
+                                                  step_cache=cache,
+                                                  fp8=fp8)
         dev = parse_device(device) if device is not None else default_device()
         dt = parse_dtype(dtype) if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
                                 compile=compile, fuse=fuse, loras=specs, lora_mode=lora_mode, step_cache=cache,
+                                fp8=fp8,
                                 vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None))

@@ -40,6 +40,8 @@ from diffserve.engine.ranks import (
     torchrun_env,
     world_info,
 )
+from diffserve.layers.attention import check_ring_backend
+from diffserve.layers.fp8 import check_fp8
 from diffserve.lora.spec import LoraSpec
 from diffserve.models.loader import resolve_model_path
 from diffserve.parallel.mesh import ParallelConfig, ParallelConfigError
@@ -213,7 +215,8 @@ class ParallelEngine(GenerateAPI):
                         compile: bool = False, parallel: ParallelConfig | None = None,
                         timeout_s: float = 1800.0, fuse: bool | None = None,
                         vae_dtype: str | torch.dtype | None = None, loras: tuple[LoraSpec, ...] = (),
-                        lora_mode: str = "merged", step_cache: StepCacheConfig | None = None) -> ParallelEngine:
+                        lora_mode: str = "merged", step_cache: StepCacheConfig | None = None,
+                        fp8: str = "off") -> ParallelEngine:
         """Start the ranks (or join torchrun's) and load the model on each. Layout errors are raised here
         as ParallelConfigError before any process starts."""
         env = torchrun_env()
@@ -230,15 +233,21 @@ class ParallelEngine(GenerateAPI):
         else:
             dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
         resolved = parallel.resolve(model_heads(model_path))
+        if fp8 != "off":
+            check_fp8(fp8, dev, dt, attention_backend, lora_mode)
+        if (resolved.ring_degree or 1) > 1:
+            check_ring_backend(attention_backend or "", fp8 in ("attention", "all"))
         spec = WorkerSpec(model_path=model_path, dtype=dt, device_type=dev.type,
                           attention_backend=attention_backend, parallel=resolved, compile=compile,
                           timeout_s=timeout_s, fuse=fuse, loras=tuple(loras), lora_mode=lora_mode,
                           step_cache=step_cache or StepCacheConfig(),
+                          fp8=fp8,
                           vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None)
         config = EngineConfig(model_path=model_path, dtype=dt, device=torch.device(dev.type),
                               attention_backend=attention_backend, compile=compile,
                               fuse=fuse, vae_dtype=spec.vae_dtype, loras=spec.loras, lora_mode=lora_mode,
-                              step_cache=spec.step_cache)
+                              step_cache=spec.step_cache,
+                              fp8=fp8)
         if env is None:
             return cls(_SpawnedWorld(spec), config)
         return cls(_join_torchrun(spec, env), config)

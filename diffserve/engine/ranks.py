@@ -39,7 +39,7 @@ from diffserve.accel.step_cache import set_cache_group
 from diffserve.config import EngineConfig, GenerationRequest
 from diffserve.engine.engine import GenerationResult, LocalEngine
 from diffserve.errors import UserError
-from diffserve.layers.attention import AttentionOp
+from diffserve.layers.attention import AttentionOp, check_ring_backend
 from diffserve.layers.parallel import CommGroup, USPAttention, sdpa_attention_lse
 from diffserve.lora.spec import LoraSpec
 from diffserve.parallel.cfg import install_cfg_parallel
@@ -94,6 +94,7 @@ class WorkerSpec:
     loras: tuple[LoraSpec, ...] = ()  # loaded by every rank, the same way
     lora_mode: str = "merged"
     step_cache: StepCacheConfig = field(default_factory=StepCacheConfig)  # lossy, off by default
+    fp8: str = "off"  # lossy FP8 (diffserve.layers.fp8), fixed at load
 
 
 def free_port() -> int:
@@ -132,6 +133,8 @@ def parallelize_pipeline(pipeline: ComposedPipeline, attention: AttentionOp, gro
     """Put the layout of `groups` onto a built pipeline: the sequence-parallel transform in place of its
     transformer (attention wrapper installed in the model's AttentionOp) and the CFG-parallel hook."""
     cfg, comps = groups.config, pipeline.components
+    if (cfg.ring_degree or 1) > 1:
+        check_ring_backend(attention.backend, attention.fp8)  # Ring merges with the kernel's log-sum-exp
     if cfg.sp_size > 1:
         kernel = partial(sdpa_attention_lse, backend=attention.backend)
         usp = USPAttention(groups.ulysses, groups.ring, kernel)
@@ -237,7 +240,8 @@ class RankRuntime:
         engine = LocalEngine(EngineConfig(model_path=spec.model_path, dtype=spec.dtype, device=device,
                                           attention_backend=spec.attention_backend, compile=spec.compile,
                                           fuse=spec.fuse, vae_dtype=spec.vae_dtype, loras=spec.loras,
-                                          lora_mode=spec.lora_mode, step_cache=spec.step_cache))
+                                          lora_mode=spec.lora_mode, step_cache=spec.step_cache,
+                                          fp8=spec.fp8))
         heads = engine.pipeline.components.transformer.cfg.num_attention_heads  # type: ignore[attr-defined]
         groups = build_mesh_groups(spec.parallel.resolve(heads))
         parallelize_pipeline(engine.pipeline, engine.attention, groups)

@@ -12,6 +12,16 @@ asked for (`load_fa3`), never when this module is imported. The kernel runs behi
 without a break, and Ring attention merges with FA3's own log-sum-exp. It takes bf16 with head sizes that
 are multiples of 8 up to 256 on CUDA tensors; anything else goes to torch's SDPA (`fused_kernel_fits`).
 
+FP8 attention (`AttentionOp.configure(fp8=True)`, `--fp8 attention`, backend 'fa3' only): FA3's e4m3
+kernels on q, k, v quantized per (sample, head), keys centred first (`diffserve.layers.fp8`), behind the
+custom op `diffserve::fa3_fp8_attention`. Lossy: see `diffserve.layers.fp8`.
+
+SageAttention (backend 'sage', `pip install sageattention==1.0.6`, Triton, CUDA): INT8 Q.K^T with fp16 P.V,
+lossy. Loaded on first use (`load_sage`) and run behind the custom op `diffserve::sage_attention`; the keys
+are centred here, out of place (the package's own smoothing subtracts in place from the caller's tensor). It
+returns no log-sum-exp, so Ring attention refuses it (`check_ring_backend`); it takes fp16/bf16 CUDA tensors
+with head sizes 64, 96 or 128 (else SDPA, `fused_kernel_fits`).
+
 Key padding: a call may carry `kv_mask` (B, Lk) bool, True = a real key. No kernel ever sees a dense
 mask (it would force SDPA onto its slow path): the padded keys are dropped before the kernel runs
 (`KeySelection`). All keys real -> the plain call; every sample keeping the same keys -> one call on a
@@ -38,10 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from diffserve.errors import UserError
+from diffserve.layers.fp8 import lse_shift, quantize_heads, smooth_keys
+
 # (B, L, H, D) x3 -> (B, L, H, D)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3")
+BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3", "sage")
+LOSSY_BACKENDS = ("sage",)  # backends whose results differ from exact attention by more than rounding
 
 
 class MaskedAttentionFn(Protocol):
@@ -211,7 +225,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: s
 # Modules that provide FA3's `flash_attn_func`, in order of preference: the fa3-fwd wheel, then FA3's own
 # build (PyPI's flash-attn-interface 0.0.1 is an empty placeholder of that name: it has no flash_attn_func).
 FA3_MODULES = ("fa3_fwd_interface", "flash_attn_interface")
-FA3_DTYPES = (torch.bfloat16,)  # fa3-fwd is built without fp16 (FLASHATTENTION_DISABLE_FP16); fp8 unused
+FA3_DTYPES = (torch.bfloat16,)  # fa3-fwd is built without fp16 (FLASHATTENTION_DISABLE_FP16); fp8 built too
 FA3_MAX_HEAD_DIM = 256  # head sizes are multiples of 8, rounded up to the built sizes 64/96/128/192/256
 
 
@@ -308,6 +322,112 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return fa3_attention_lse(q, k, v)[0]
 
 
+@torch.library.custom_op("diffserve::fa3_fp8_attention", mutates_args=())
+def fa3_fp8_attention_raw(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale: torch.Tensor,
+                          k_descale: torch.Tensor, v_descale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention 3 on e4m3 inputs: q8 (B, Lq, H, D), k8/v8 (B, Lk, H, D) float8_e4m3fn, descales (B, H)
+    float32 -> out (B, Lq, H, D) bf16, lse (B, H, Lq) float32 of the dequantized scores."""
+    fa3 = load_fa3()
+    if fa3 is None:
+        raise RuntimeError('FlashAttention 3 is not installed (pip install "diffserve[fa3]")')
+    res = fa3.func(q8, k8, v8, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+                   return_attn_probs=True)
+    if not isinstance(res, (tuple, list)) or len(res) < 2:
+        raise RuntimeError(f"{fa3.module}.flash_attn_func returned no log-sum-exp (expected (out, lse, ...))")
+    return res[0].contiguous(), res[1].float().contiguous()
+
+
+@fa3_fp8_attention_raw.register_fake
+def _(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale: torch.Tensor, k_descale: torch.Tensor,
+      v_descale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, lq, h, _ = q8.shape
+    return (q8.new_empty(b, lq, h, v8.shape[-1], dtype=torch.bfloat16),
+            q8.new_empty(b, h, lq, dtype=torch.float32))
+
+
+@register_flop_formula(torch.ops.diffserve.fa3_fp8_attention)
+def _fa3_fp8_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    b, lq, h, d = q_shape
+    return 2 * b * h * lq * k_shape[1] * (d + v_shape[-1])
+
+
+def fa3_fp8_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 FlashAttention 3 on bf16 q (B, Lq, H, D), k/v (B, Lk, H, D): keys centred, q/k/v quantized per
+    (sample, head) (traced, so torch.compile fuses it), then the e4m3 kernel -> out (B, Lq, H, D) bf16 and
+    lse (B, H, Lq) float32, corrected for the centring when `with_lse` (else the centred keys' lse)."""
+    ks, mean = smooth_keys(k)
+    (q8, qd), (k8, kd), (v8, vd) = quantize_heads(q), quantize_heads(ks), quantize_heads(v)
+    out, lse = fa3_fp8_attention_raw(q8, k8, v8, qd, kd, vd)
+    return out.to(q.dtype), (lse + lse_shift(q, mean) if with_lse else lse)
+
+
+def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FP8 FlashAttention 3, (B, L, H, D) in and out (`fa3_fp8_attention_lse` without the lse fix-up)."""
+    return fa3_fp8_attention_lse(q, k, v, with_lse=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SageAttention
+
+SAGE_HEAD_DIMS = (64, 96, 128)
+
+
+@functools.cache
+def load_sage() -> Callable[..., torch.Tensor] | None:
+    """`sageattention.sageattn`, imported once on first use, or None when it (or Triton) does not import."""
+    try:
+        module = importlib.import_module("sageattention")
+    except (ImportError, OSError, RuntimeError):
+        return None
+    func = getattr(module, "sageattn", None)
+    return func if callable(func) else None
+
+
+def sage_available() -> bool:
+    return load_sage() is not None
+
+
+@torch.library.custom_op("diffserve::sage_attention", mutates_args=())
+def sage_attention_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SageAttention on q (B, Lq, H, D), k/v (B, Lk, H, D) fp16/bf16 (keys already centred) -> (B, Lq, H, D)."""
+    sage = load_sage()
+    if sage is None:
+        raise RuntimeError("SageAttention is not installed (pip install sageattention==1.0.6)")
+    return sage(q.contiguous(), k.contiguous(), v.contiguous(), tensor_layout="NHD", is_causal=False,
+                smooth_k=False)
+
+
+@sage_attention_raw.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    b, lq, h, _ = q.shape
+    return q.new_empty(b, lq, h, v.shape[-1])
+
+
+@register_flop_formula(torch.ops.diffserve.sage_attention)
+def _sage_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    b, lq, h, d = q_shape
+    return 2 * b * h * lq * k_shape[1] * (d + v_shape[-1])
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SageAttention, (B, L, H, D) in and out; the keys are centred here, out of place (softmax is unchanged
+    by a shift shared by all keys)."""
+    return sage_attention_raw(q, smooth_keys(k)[0], v)
+
+
+def check_ring_backend(backend: str, fp8: bool = False) -> None:
+    """Ring attention merges partial results with each kernel's log-sum-exp: refuse what gives none
+    (SageAttention) and the FP8 attention path (not wired into Ring)."""
+    if backend == "sage":
+        raise UserError("attention backend 'sage' returns no log-sum-exp, which Ring attention needs to merge "
+                        "its blocks; use --ring-degree 1 (Ulysses works) or another backend (fa3, cudnn)",
+                        param="ring_degree")
+    if fp8:
+        raise UserError("FP8 attention is not supported under Ring attention; use --ring-degree 1 (Ulysses "
+                        "works) or --fp8 linear", param="ring_degree")
+
+
 def default_backend(device: torch.device) -> str:
     """The fastest backend known to be right on `device`: FA3 on Hopper (compute capability 9.x) when it
     imports, else cuDNN SDPA on Hopper and newer, else torch's SDPA (always on the CPU)."""
@@ -322,15 +442,17 @@ def default_backend(device: torch.device) -> str:
 
 
 def fused_kernel_fits(backend: str, q: torch.Tensor) -> bool:
-    """Whether the half-precision fused kernels (cuDNN, flash, FA3) take these inputs; otherwise the
+    """Whether the half-precision fused kernels (cuDNN, flash, FA3, Sage) take these inputs; otherwise the
     caller falls back to torch's own SDPA choice (fp32 runs, odd head sizes, CPU tensors; for FA3 also
-    fp16, which the fa3-fwd build leaves out)."""
+    fp16, which the fa3-fwd build leaves out; for Sage head sizes other than 64/96/128)."""
     if backend in ("sdpa", "math", "efficient"):
         return True
     if not q.is_cuda or q.shape[-1] % 8:
         return False
     if backend == "fa3":
         return q.dtype in FA3_DTYPES and q.shape[-1] <= FA3_MAX_HEAD_DIM
+    if backend == "sage":
+        return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in SAGE_HEAD_DIMS
     return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= (128 if backend == "cudnn" else 256)
 
 
@@ -341,12 +463,14 @@ class AttentionOp:
     block at once (it is called by engine-level transforms, never by model code).
     """
 
-    def __init__(self, backend: str = "sdpa") -> None:
+    def __init__(self, backend: str = "sdpa", fp8: bool = False) -> None:
         self.backend = "sdpa"
+        self.fp8 = False  # FP8 FlashAttention 3 (lossy); only with backend 'fa3'
         self.parallel: ParallelAttention | None = None
-        self.configure(backend=backend)
+        self.configure(backend=backend, fp8=fp8)
 
-    def configure(self, backend: str | None = None, parallel: ParallelAttention | None = None) -> None:
+    def configure(self, backend: str | None = None, parallel: ParallelAttention | None = None,
+                  fp8: bool | None = None) -> None:
         if backend is not None:
             if backend not in BACKENDS:
                 raise ValueError(f"unknown attention backend {backend!r}; accepted: {', '.join(BACKENDS)}")
@@ -354,7 +478,15 @@ class AttentionOp:
                 raise ValueError("attention backend 'fa3' needs FlashAttention 3: pip install \"diffserve[fa3]\" "
                                  "(the fa3-fwd wheel, Linux x86_64, Hopper GPUs) or FA3's own "
                                  "flash_attn_interface")
+            if backend == "sage" and not sage_available():
+                raise ValueError("attention backend 'sage' needs SageAttention: pip install sageattention==1.0.6 "
+                                 "(Triton, CUDA GPUs)")
             self.backend = backend
+        if fp8 is not None:
+            if fp8 and self.backend != "fa3":
+                raise ValueError(f"FP8 attention runs on FlashAttention 3's FP8 kernels: it needs attention "
+                                 f"backend 'fa3' (Hopper, pip install \"diffserve[fa3]\"), not {self.backend!r}")
+            self.fp8 = fp8
         if parallel is not None:
             self.parallel = parallel
 
@@ -363,7 +495,9 @@ class AttentionOp:
         (B, Lq, H, D)."""
         backend = self.backend if fused_kernel_fits(self.backend, q) else "sdpa"
         if backend == "fa3":
-            return fa3_attention(q, k, v)
+            return fa3_fp8_attention(q, k, v) if self.fp8 else fa3_attention(q, k, v)
+        if backend == "sage":
+            return sage_attention(q, k, v)
         return sdpa_attention(q, k, v, backend)
 
     def local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -150,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     faults = os.environ.get(FAULT_INJECTION_ENV) == "1"
     worker = WorkerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
                           attention_backend=args.attention_backend, compile=getattr(args, "compile", False),
-                          fuse=args.fuse, vae_dtype=args.vae_dtype,
+                          fuse=args.fuse, vae_dtype=args.vae_dtype, fp8=args.fp8,
                           parallel=parallel_config_from_args(args), fault_injection=faults,
                           fail_load_marker=str(args.output_dir / ".fault-fail-load") if faults else None)
     watchdog = WatchdogConfig(heartbeat_timeout_s=args.worker_heartbeat_timeout,
@@ -203,4 +203,3 @@ def _server_class():
             super().handle_exit(sig, frame)
 
     return _Server
-

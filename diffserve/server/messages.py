@@ -44,6 +44,7 @@ class WorkerConfig:
     compile: bool = False
     fuse: bool | None = None
     vae_dtype: str | None = None
+    fp8: str = "off"  # lossy FP8 (--fp8), fixed for the worker's engine
     parallel: object | None = None  # a diffserve.parallel.mesh.ParallelConfig for multi-GPU engines
     heartbeat_s: float = 1.0  # how often the worker says it is alive
     fault_injection: bool = False  # test hook, see diffserve.server.worker

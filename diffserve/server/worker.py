@@ -240,7 +240,7 @@ def _load(cfg: WorkerConfig, events: EventPipe) -> object | None:
     try:
         engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,
                                         attention_backend=cfg.attention_backend, compile=cfg.compile,
-                                        fuse=cfg.fuse, vae_dtype=cfg.vae_dtype,
+                                        fuse=cfg.fuse, vae_dtype=cfg.vae_dtype, fp8=cfg.fp8,
                                         parallel=cfg.parallel)  # type: ignore[arg-type]
     except UserError as e:
         events.send(LoadFailed(str(e), user_error=True))
