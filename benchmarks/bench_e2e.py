@@ -325,8 +325,9 @@ def text_tokens(call: dict[str, object]) -> str | None:
 def meta_twin(transformer: torch.nn.Module, attention) -> torch.nn.Module:
     """diffserve's transformer of the same class and config on the meta device (no weights, unfused),
     with its own attention seam: a DiT is built as Model(cfg, attention)."""
+    dtype = next(transformer.parameters()).dtype  # the recorded inputs are in it (a conv checks its bias's)
     with torch.device("meta"):
-        return type(transformer)(transformer.cfg, attention)
+        return type(transformer)(transformer.cfg, attention).to(dtype)
 
 
 def replayed_step_flops(transformer: torch.nn.Module, calls: list[tuple[tuple, dict]]) -> roofline.StepFlops:
