@@ -27,7 +27,7 @@ from diffserve.server.inputs import WorkingSize
 from diffserve.server.jobs import JobStore, VideoJob
 from diffserve.server.messages import EncodedImage, OutputSpec
 from diffserve.server.metrics import MAX_SERIES, Counter
-from diffserve.server.outputs import OutputStore
+from diffserve.server.outputs import LocalOutputStore
 from diffserve.server.protocol import APIError
 from diffserve.server.scheduler import Scheduler, WorkItem
 from diffserve.server.testing import assert_error, metric_value, stub_app
@@ -285,7 +285,7 @@ def test_jobs_expire_and_page_by_index(tmp_path: Path) -> None:
 
 def test_outputs_expire_and_hold_the_quota(tmp_path: Path) -> None:
     evicted: list[tuple[str, str]] = []
-    store = OutputStore(tmp_path, ttl_s=60, quota_bytes=2500, on_evict=lambda k, n: evicted.append((k, n)))
+    store = LocalOutputStore(tmp_path, ttl_s=60, quota_bytes=2500, on_evict=lambda k, n: evicted.append((k, n)))
     store.open()
     names = [store.image_name("png") for _ in range(3)]
     for name in names:
@@ -295,7 +295,7 @@ def test_outputs_expire_and_hold_the_quota(tmp_path: Path) -> None:
     assert evicted == [("images", names[0]), ("images", names[1])] and store.total_bytes == 2000
     assert store.path("images", names[0]) is None and store.path("images", names[2]) is not None
     assert store.path("images", "../jobs.sqlite3") is None
-    again = OutputStore(tmp_path, ttl_s=60, quota_bytes=2500)
+    again = LocalOutputStore(tmp_path, ttl_s=60, quota_bytes=2500)
     again.open()  # a restart finds its files
     assert again.total_bytes == 2000 and again.path("videos", video) is not None
     assert again.sweep(time.time() + 30) == 0 and again.sweep(time.time() + 61) == 2 and again.total_bytes == 0

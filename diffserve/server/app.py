@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,10 +37,10 @@ from diffserve.errors import UserError
 from diffserve.server import routes_images, routes_videos
 from diffserve.server.docs_page import render_docs
 from diffserve.server.inputs import PayloadTooLarge
+from diffserve.server.outputs import output_response
 from diffserve.server.protocol import APIError, error_body, from_user_error, from_validation_error
 from diffserve.server.runtime import Runtime
 
-_MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _STATUS_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
                  413: "invalid_request_error", 429: "rate_limit_error"}
 _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -245,11 +245,12 @@ def _service_routes(app: FastAPI, runtime: Runtime) -> None:
         return PlainTextResponse(page, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/outputs/images/{name}")
-    async def output_image(name: str, request: Request) -> FileResponse:
-        path = request.app.state.runtime.outputs.path("images", name)
-        if path is None:
+    async def output_image(name: str, request: Request) -> Response:
+        """A ``url`` image: the file, or a 307 redirect to a presigned URL when outputs are in S3."""
+        location = request.app.state.runtime.outputs.locate("images", name)
+        if location is None:
             raise APIError(404, f"no image named {name!r} (unknown, or expired)", code="not_found")
-        return FileResponse(path, media_type=_MEDIA_TYPES[name.rsplit(".", 1)[1]])
+        return output_response(location, name)
 
     if runtime.config.docs:
         @app.get("/docs", include_in_schema=False)

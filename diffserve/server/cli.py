@@ -62,6 +62,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     out.add_argument("--output-quota-gb", type=float, default=10.0,
                      help="disk space for output files; beyond it the oldest are removed, their jobs with them "
                           "(default 10)")
+    out.add_argument("--output-storage", default=None, metavar="s3://BUCKET/PREFIX",
+                     help="keep url images and video MP4s in an S3-compatible bucket under PREFIX instead of "
+                          "--output-dir (the job database stays in --output-dir); clients are redirected to "
+                          "presigned URLs. Region and credentials: the usual AWS_* variables. Needs boto3 "
+                          "(pip install 'diffserve[s3]'). Default: local disk")
+    out.add_argument("--s3-endpoint-url", default=None, metavar="URL",
+                     help="endpoint of an S3-compatible service other than AWS (MinIO, R2, Ceph), e.g. "
+                          "http://127.0.0.1:9000; clients must reach it too (default: AWS, or "
+                          "$AWS_ENDPOINT_URL_S3)")
     q = p.add_argument_group("queue and batching")
     q.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait; more get 429 (default 256)")
@@ -117,12 +126,28 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.max_request_cost is not None and not args.max_request_cost > 0:
         raise UserError("--max-request-cost must be positive")
+    _check_storage_args(args)
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --output-dir {args.output_dir}: {e.strerror or e}") from None
     if not os.access(args.output_dir, os.W_OK):
         raise UserError(f"--output-dir {args.output_dir} is not writable")
+
+
+def _check_storage_args(args: argparse.Namespace) -> None:
+    """--output-storage is an s3:// URL naming a bucket, boto3 is installed; --s3-endpoint-url goes with it."""
+    if args.output_storage is None:
+        if args.s3_endpoint_url is not None:
+            raise UserError("--s3-endpoint-url is only used with --output-storage s3://BUCKET/PREFIX")
+        return
+    from diffserve.server.storage_s3 import parse_s3_url, require_boto3
+
+    parse_s3_url(args.output_storage)
+    require_boto3()
+    if args.s3_endpoint_url is not None and not args.s3_endpoint_url.startswith(("http://", "https://")):
+        raise UserError(f"--s3-endpoint-url {args.s3_endpoint_url!r} is not accepted: give an http:// or "
+                        "https:// URL")
 
 
 def _model_id(args: argparse.Namespace) -> str:
@@ -163,7 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace, max_queue_bytes=int(args.max_queue_mb * 2**20),
         max_request_mpx_steps=args.max_request_cost, job_ttl_s=args.job_ttl,
         output_quota_bytes=int(args.output_quota_gb * 2**30), watchdog=watchdog,
-        metrics_require_key=args.metrics_require_key, docs=args.docs, allowed_origins=origins)
+        metrics_require_key=args.metrics_require_key, docs=args.docs, allowed_origins=origins,
+        output_storage=args.output_storage, s3_endpoint_url=args.s3_endpoint_url)
     fatal: list[str] = []
 
     def on_fatal(message: str) -> None:
@@ -171,6 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     runtime = Runtime(config, on_fatal=on_fatal)
+    runtime.outputs.check()  # a missing bucket or refused credentials stop the server now, in one line
     uv_config = uvicorn.Config(create_app(runtime), host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=int(args.shutdown_grace) + 30)
     server = _server_class()(uv_config, runtime)

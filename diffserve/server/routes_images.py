@@ -4,7 +4,7 @@ Response: ``{"created", "data": [{"b64_json"} | {"url"}], "output_format", "size
 is an extension: the request's seed; its n images come from that one seed). ``response_format`` defaults to
 ``b64_json``; ``url`` results are written through the output store (`diffserve.server.outputs`) and served at
 ``/outputs/images/<name>`` under unguessable names, without the API key (as capability URLs), until they
-expire (``--job-ttl``).
+expire (``--job-ttl``); with ``--output-storage s3://...`` that URL redirects (307) to a presigned URL.
 
 A request over the cost ceiling (`Runtime.check_cost`) is refused with 400 before it is queued. A client
 that closes its connection before the answer cancels its request (it leaves the queue, or stops at the next
@@ -115,7 +115,11 @@ async def _generate(rt: Runtime, request: Request, body: ImageGenerationBody, im
     done = await _result_unless_disconnected(rt, request, item)
     if (body.response_format or "b64_json") == "url":
         names = [rt.outputs.image_name(fmt) for _ in done.blobs]
-        await asyncio.to_thread(lambda: [rt.outputs.write("images", n, b) for n, b in zip(names, done.blobs)])
+        try:
+            await asyncio.to_thread(lambda: [rt.outputs.write("images", n, b) for n, b in zip(names, done.blobs)])
+        except OSError as e:
+            raise APIError(500, f"the images could not be stored: {e.strerror or e}", type="server_error",
+                           code="output_write_failed") from None
         base = str(request.base_url).rstrip("/")
         data = [{"url": f"{base}/outputs/images/{name}", "revised_prompt": None} for name in names]
     else:

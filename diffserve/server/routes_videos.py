@@ -11,12 +11,13 @@ restart (`diffserve.server.jobs`).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from concurrent.futures import Future
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from diffserve.config import GenerationRequest
 from diffserve.server.inputs import (
@@ -30,6 +31,7 @@ from diffserve.server.inputs import (
 )
 from diffserve.server.jobs import VideoJob
 from diffserve.server.messages import OutputSpec
+from diffserve.server.outputs import output_response
 from diffserve.server.protocol import (
     APIError,
     VideoCreateBody,
@@ -173,8 +175,9 @@ async def retrieve_video(video_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/videos/{video_id}/content")
-async def video_content(video_id: str, request: Request, variant: str = "video") -> FileResponse:
-    """The MP4 of a completed job (409 while it is not completed)."""
+async def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
+    """The MP4 of a completed job (409 while it is not completed); with outputs in S3, a 307 redirect to a
+    presigned URL of it (clients that follow redirects, the openai SDK among them, get the file)."""
     rt: Runtime = request.app.state.runtime
     status = rt.jobs.status(video_id)
     if status is None:
@@ -184,10 +187,11 @@ async def video_content(video_id: str, request: Request, variant: str = "video")
     if status != "completed":
         raise APIError(409, f"video '{video_id}' is {status}, not completed; its content is not available",
                        code="video_not_ready")
-    path = rt.outputs.path("videos", rt.outputs.video_name(video_id))
-    if path is None:
+    name = rt.outputs.video_name(video_id)
+    location = rt.outputs.locate("videos", name, filename=f"{video_id}.mp4")
+    if location is None:
         raise APIError(404, f"the file of video '{video_id}' is gone", code="not_found")
-    return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+    return output_response(location, name, filename=f"{video_id}.mp4")
 
 
 @router.delete("/videos/{video_id}")
@@ -200,5 +204,5 @@ async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
         raise _unknown(video_id)
     if isinstance(job, VideoJob) and job.item is not None:
         rt.cancel(job.item)
-    rt.outputs.remove("videos", rt.outputs.video_name(video_id))
+    await asyncio.to_thread(rt.outputs.remove, "videos", rt.outputs.video_name(video_id))  # S3: a request
     return {"id": video_id, "object": "video.deleted", "deleted": True}

@@ -23,7 +23,7 @@ from diffserve.server.inputs import MIN_INPUT_EDGE, ImageRules, WorkingSize
 from diffserve.server.jobs import JobStore
 from diffserve.server.messages import WorkerConfig
 from diffserve.server.metrics import ServerMetrics
-from diffserve.server.outputs import OutputStore
+from diffserve.server.outputs import LocalOutputStore, OutputStore
 from diffserve.server.protocol import APIError
 from diffserve.server.scheduler import Scheduler, WorkItem, shutting_down_error
 from diffserve.server.supervisor import WorkerSupervisor
@@ -56,6 +56,20 @@ class ServerConfig:
     metrics_require_key: bool = False
     docs: bool = True
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
+    output_storage: str | None = None  # s3://bucket/prefix for url images and MP4s; None: under output_dir
+    s3_endpoint_url: str | None = None  # an S3-compatible service other than AWS's (None: boto3's own choice)
+
+
+def make_output_store(config: ServerConfig, on_evict: Callable[[str, str], None] | None = None) -> OutputStore:
+    """The store of url images and MP4s: the S3 prefix of ``output_storage``, else ``output_dir`` on disk
+    (the job database stays in ``output_dir`` either way)."""
+    if config.output_storage is None:
+        return LocalOutputStore(config.output_dir, ttl_s=config.job_ttl_s, quota_bytes=config.output_quota_bytes,
+                                on_evict=on_evict)
+    from diffserve.server.storage_s3 import S3OutputStore, parse_s3_url
+
+    return S3OutputStore(parse_s3_url(config.output_storage), endpoint_url=config.s3_endpoint_url,
+                         ttl_s=config.job_ttl_s, quota_bytes=config.output_quota_bytes, on_evict=on_evict)
 
 
 class Runtime:
@@ -66,8 +80,7 @@ class Runtime:
         self.created = int(time.time())
         config.output_dir.mkdir(parents=True, exist_ok=True)
         self.jobs = JobStore(config.output_dir / "jobs.sqlite3", ttl_s=config.job_ttl_s)
-        self.outputs = OutputStore(config.output_dir, ttl_s=config.job_ttl_s, quota_bytes=config.output_quota_bytes,
-                                   on_evict=self._evicted)
+        self.outputs = make_output_store(config, on_evict=self._evicted)
         self.scheduler = Scheduler(max_queue=config.max_queue, max_batch_size=config.max_batch_size,
                                    batch_wait_s=config.batch_wait_s, max_queue_bytes=config.max_queue_bytes)
         self.metrics = ServerMetrics(queue_depth=lambda: self.scheduler.depth,
@@ -84,6 +97,7 @@ class Runtime:
 
     def start(self) -> None:
         self.outputs.open()
+        log.info("outputs in %s (%d files)", self.outputs.describe(), len(self.outputs))
         failed = self.jobs.recover()
         if failed:
             log.warning("%d video jobs were queued or running when the server last stopped; marked failed", failed)
