@@ -111,6 +111,7 @@ class ModelDefaults:
     min_size: int = 16
     max_size: int = 4096
     max_sequence_length: int = 512
+    max_sequence_length_limit: int | None = None  # the most a request may ask for (None: the default)
     num_frames: int | None = None  # video models only
     min_frames: int = 1
     max_frames: int = 257
@@ -252,9 +253,10 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
         raise InvalidRequestError(f"seed={seed_v} is not accepted: it must be between 0 and 2**63-1 "
                                   "(or -1: a random seed)", param="seed")
     msl = _check_int("max_sequence_length", req.max_sequence_length or defaults.max_sequence_length)
-    if not 1 <= msl <= defaults.max_sequence_length:
+    msl_limit = defaults.max_sequence_length_limit or defaults.max_sequence_length
+    if not 1 <= msl <= msl_limit:
         raise InvalidRequestError(
-            f"max_sequence_length={msl} is not accepted: it must be between 1 and {defaults.max_sequence_length}",
+            f"max_sequence_length={msl} is not accepted: it must be between 1 and {msl_limit}",
             param="max_sequence_length",
         )
     frames, fps = None, None

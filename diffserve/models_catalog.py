@@ -35,7 +35,7 @@ def accepted_ranges(d: ModelDefaults) -> dict[str, Any]:
         "size": {"multiple": d.size_multiple, "min": d.min_size, "max": d.max_size},
         "num_inference_steps": ({"fixed": d.fixed_steps} if d.fixed_steps is not None else {"min": 1, "max": MAX_STEPS}),
         "guidance_scale": {"min": 0.0, "max": 100.0, "meaning": d.guidance},
-        "max_sequence_length": {"min": 1, "max": d.max_sequence_length},
+        "max_sequence_length": {"min": 1, "max": d.max_sequence_length_limit or d.max_sequence_length},
         "num_outputs": {"min": 1, "max": MAX_OUTPUTS},
         "negative_prompt": d.uses_negative_prompt,
         "image": {"required": d.needs_image, "accepted": d.accepts_image or d.needs_image,

@@ -300,6 +300,10 @@ def test_defaults(t2i_engine: Engine, edit_engine: Engine) -> None:
     d = t2i_engine.defaults
     assert (d.height, d.width, d.num_inference_steps, d.guidance_scale) == (1024, 1024, 50, 4.0)
     assert d.guidance == "true_cfg" and d.uses_negative_prompt and not d.accepts_image
+    assert t2i_engine.validate(GenerationRequest(prompt="x")).max_sequence_length == 512
+    assert t2i_engine.validate(GenerationRequest(prompt="x", max_sequence_length=1024)).max_sequence_length == 1024
+    with pytest.raises(InvalidRequestError, match="between 1 and 1024"):  # the reference's own limit
+        t2i_engine.validate(GenerationRequest(prompt="x", max_sequence_length=1025))
     e = edit_engine.defaults
     assert e.needs_image and e.accepts_image and e.size_from_image_area == 1024 * 1024
     req = edit_engine.validate(GenerationRequest(prompt="x", image=_input_image(48, 80)))

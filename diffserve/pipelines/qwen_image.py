@@ -343,7 +343,7 @@ def qwen_defaults(vae_scale_factor: int, variant: QwenVariant, overrides: dict |
     base = ModelDefaults(
         kind="image", height=DEFAULT_SAMPLE_SIZE * f, width=DEFAULT_SAMPLE_SIZE * f, num_inference_steps=50,
         guidance_scale=TRUE_CFG_SCALE, size_multiple=2 * f, min_size=2 * f, max_size=max(4096, 4 * f),
-        max_sequence_length=512, needs_image=edit, accepts_image=edit, uses_negative_prompt=True,
+        max_sequence_length=512, max_sequence_length_limit=TOKENIZER_MAX_LENGTH, needs_image=edit, accepts_image=edit, uses_negative_prompt=True,
         size_from_image_area=EDIT_AREA if edit else None, guidance="true_cfg", max_images=max(variant.max_images, 1),
     )
     return replace_defaults(base, overrides or {})
