@@ -18,8 +18,9 @@ workload's step count is extrapolated as fixed + steps x per-step. Every engine 
 negative prompt), input image, seed, size, frames, guidance, dtype and steps; the report states them
 ("fairness") and lists each engine's transformer inputs in the first timed step, text lengths included.
 
-Engines: diffserve with options joined by "+" (compile, fuse, nofuse, vaebf16) and "[BACKEND]" for the
-attention kernel, e.g. "diffserve+compile[fa3]"; "diffusers", "diffusers+compile"
+Engines: diffserve with options joined by "+" (compile, fuse, nofuse, vaebf16; lossy: fp8 = the blocks' GEMMs
+in FP8, fp8attn = FA3's FP8 attention) and "[BACKEND]" for the attention kernel, e.g. "diffserve+compile[fa3]",
+"diffserve+compile+fp8[fa3]"; "diffusers", "diffusers+compile"
 (`torch.compile(transformer, fullgraph=True)`) and "diffusers+regional" (diffusers'
 `compile_repeated_blocks(fullgraph=True)`). An engine that fails gets an error entry and the next one runs;
 a SIGTERM (e.g. from `timeout`) stops the engine in progress and the report is finished with the engines
@@ -139,9 +140,12 @@ class EngineSpec:
     fuse: bool | None = None
     vae_bf16: bool = False
     backend: str | None = None
+    fp8: str = "off"  # "+fp8": the blocks' GEMMs in FP8; "+fp8attn": FA3's FP8 attention; both: "all"
 
 
-ENGINE_OPTIONS = {"diffserve": {"compile", "fuse", "nofuse", "vaebf16"}, "diffusers": {"compile", "regional"}}
+ENGINE_OPTIONS = {"diffserve": {"compile", "fuse", "nofuse", "vaebf16", "fp8", "fp8attn"},
+                  "diffusers": {"compile", "regional"}}
+FP8_OPTIONS = {(False, False): "off", (True, False): "linear", (False, True): "attention", (True, True): "all"}
 
 
 def parse_engine(name: str) -> EngineSpec:
@@ -153,12 +157,13 @@ def parse_engine(name: str) -> EngineSpec:
     if (known is None or set(options) - known or len(set(options)) != len(options)
             or (bracket and backend is None) or (library == "diffusers" and backend)
             or {"compile", "regional"} <= set(options) or {"fuse", "nofuse"} <= set(options)):
-        raise SystemExit(f"unknown engine {name!r}: diffserve[+compile][+fuse|+nofuse][+vaebf16][[BACKEND]], "
+        raise SystemExit(f"unknown engine {name!r}: diffserve[+compile][+fuse|+nofuse][+vaebf16][+fp8][+fp8attn]"
+                         "[[BACKEND]], "
                          "diffusers, diffusers+compile or diffusers+regional")
     fuse = False if "nofuse" in options else (True if "fuse" in options else None)
     return EngineSpec(library, compile="compile" in options or "regional" in options,
                       regional="regional" in options, fuse=fuse, vae_bf16="vaebf16" in options,
-                      backend=backend)
+                      backend=backend, fp8=FP8_OPTIONS["fp8" in options, "fp8attn" in options])
 
 
 def family(w: Workload) -> str:
@@ -446,7 +451,7 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: 
     engine = Engine(EngineConfig(model_path=str(repo), dtype=parse_dtype(dtype), device=torch.device(device),
                                  attention_backend=spec.backend, compile=spec.compile, fuse=spec.fuse,
                                  vae_dtype=torch.bfloat16 if spec.vae_bf16 else None,
-                                 vae_tiling=w.vae_tiling))
+                                 vae_tiling=w.vae_tiling, fp8=spec.fp8))
     params = request_params(w)
     t0 = time.perf_counter()
     if warmup:

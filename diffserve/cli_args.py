@@ -46,7 +46,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "multiplies with FP8 weights and per-token FP8 activations (about 2x GEMM throughput; "
                         "relative error of a layer ~2-3%%), attention = FlashAttention 3's FP8 kernels (needs "
                         "--attention-backend fa3), all = both. Needs a GPU with FP8 (compute capability 8.9+) "
-                        "and bf16; weights are quantized at load, so it is fixed for the engine and cannot "
+                        "and bf16; pays off with --compile (the quantization fuses into the kernels around the "
+                        "multiply); weights are quantized at load, so it is fixed for the engine and cannot "
                         "change per request")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the repeated transformer blocks (slower start, faster steps)")

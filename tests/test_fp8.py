@@ -375,3 +375,14 @@ def test_gelu_matches_what_the_layer_replaces() -> None:
     with torch.no_grad():
         expected = F.gelu(F.linear(x, lin.weight, lin.bias))
         assert rel_err(q(x), expected) < 0.05
+
+
+def test_bench_engine_names_take_fp8() -> None:
+    from benchmarks.bench_e2e import parse_engine
+
+    assert parse_engine("diffserve+compile+fp8[fa3]").fp8 == "linear"
+    assert parse_engine("diffserve+compile+fp8attn[fa3]").fp8 == "attention"
+    assert parse_engine("diffserve+fp8+fp8attn+compile[fa3]").fp8 == "all"
+    assert parse_engine("diffserve+compile[sage]").fp8 == "off"
+    with pytest.raises(SystemExit):
+        parse_engine("diffusers+fp8")
