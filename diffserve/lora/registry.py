@@ -16,8 +16,9 @@ Requests in one batch must ask for the same set (`LoraSet` is hashable: the serv
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,8 +51,15 @@ class LoadedLora:
         w = self.weights
         return {"name": self.name, "path": self.spec.path, "scale": self.spec.scale, "mode": mode,
                 "layout": w.layout, "layers": len(w.layers), "targets": len(w.targets),
+                "target_modules": target_families(w.targets),
                 "ranks": sorted({layer.rank for layer in w.layers}), "default": default,
                 "skipped_tensors": len(w.skipped)}
+
+
+def target_families(targets: Iterable[str]) -> list[str]:
+    """The layers a LoRA changes with their block index folded, distinct and sorted:
+    'transformer_blocks.3.attn.to_q' -> 'transformer_blocks.*.attn.to_q'."""
+    return sorted({re.sub(r"\.\d+\.", ".*.", t, count=1) for t in targets})
 
 
 def _log_loaded(item: LoadedLora, mode: str) -> None:

@@ -1,7 +1,8 @@
 """The FastAPI application: routes, API-key check, body-size limit, metrics, and OpenAI-shaped errors.
 
 Routes: ``POST /v1/images/generations``, ``POST /v1/images/edits``, ``POST /v1/videos``, ``GET /v1/videos``,
-``GET|DELETE /v1/videos/{id}``, ``GET /v1/videos/{id}/content``, ``GET /v1/models[/{id}]`` (all ``/v1``
+``GET|DELETE /v1/videos/{id}``, ``GET /v1/videos/{id}/content``, ``GET /v1/models[/{id}]`` (the model card
+of ``diffserve models``, with this server's limits and loaded LoRAs), ``GET|POST /v1/loras`` (all ``/v1``
 routes need ``Authorization: Bearer KEY`` when the server has an API key; it is checked before any of the
 body is read), and without a key: ``GET /health`` (200 when the worker is ready, else 503, with details),
 ``GET /health/ready`` (readiness: 200 only while requests can be served), ``GET /health/live`` (liveness:
@@ -19,7 +20,6 @@ memory / shutting down, 504 a generation past its deadline.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import time
 from collections.abc import AsyncIterator
@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffserve.errors import UserError
-from diffserve.server import routes_images, routes_videos
+from diffserve.models_catalog import model_card
+from diffserve.server import routes_images, routes_loras, routes_videos
 from diffserve.server.docs_page import render_docs
 from diffserve.server.inputs import PayloadTooLarge
 from diffserve.server.outputs import output_response
@@ -187,14 +188,21 @@ def _models_router() -> APIRouter:
     router = APIRouter()
 
     def card(rt: Runtime) -> dict[str, Any]:
+        """`diffserve models`' card of the loaded model (`models_catalog.model_card`), plus this server's
+        limits and LoRAs; while loading, the card without defaults."""
         d = rt.supervisor.defaults
         info = rt.supervisor.info
         limits = {"max_batch_size": rt.config.max_batch_size, "max_upload_bytes": rt.config.max_upload_bytes,
                   "max_request_mpx_steps": rt.max_request_cost(d) / 1e6 if d else None,
                   "max_input_pixels": rt.max_input_pixels(d) if d else None}
-        return {"id": rt.config.model_id, "object": "model", "created": rt.created, "owned_by": "diffserve",
-                "kind": d.kind if d else None, "pipeline": info.pipeline_class if info else None,
-                "defaults": dataclasses.asdict(d) if d else None, "limits": limits}
+        if d is None or info is None:
+            card = {"id": rt.config.model_id, "object": "model", "created": rt.created, "owned_by": "diffserve",
+                    "kind": None, "pipeline": None, "defaults": None, "accepts": None}
+        else:
+            card = model_card(d, model_id=rt.config.model_id, pipeline=info.pipeline_class, created=rt.created)
+        loras = [{"name": i["name"], "scale": i["scale"], "default": i["default"]}
+                 for i in (info.loras if info else [])]
+        return {**card, "limits": limits, "lora_mode": rt.supervisor.lora_mode, "loras": loras}
 
     @router.get("/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -278,6 +286,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
     v1.include_router(routes_images.router)
     v1.include_router(routes_videos.router)
+    v1.include_router(routes_loras.router)
     v1.include_router(_models_router())
     app.include_router(v1)
     _service_routes(app, runtime)

@@ -2,7 +2,8 @@
 
 Exit status: 0 after a graceful shutdown (SIGTERM / SIGINT; a second SIGINT forces it), 1 when the model
 cannot be loaded, or reloaded after its worker died (three tries in a row; an outside supervisor should then
-restart the server), or the port cannot be bound, 2 for bad flags.
+restart the server), or the port cannot be bound (a busy port is found before the model loads, in one
+line), 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from diffserve.cli_args import MODEL_DEFAULTS_HELP, add_engine_args
+from diffserve.cli_args import MODEL_DEFAULTS_HELP, add_engine_args, check_port_free, lora_options
 from diffserve.errors import UserError
 
 FAULT_INJECTION_ENV = "DIFFSERVE_SERVER_FAULT_INJECTION"
@@ -96,7 +97,50 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     w.add_argument("--cancel-grace", type=float, default=30.0,
                    help="seconds a fully cancelled batch may run on before the worker is restarted to stop it; "
                         "at least as long as the model took to load (default 30)")
+    lo = p.add_argument_group("LoRA adapters and output metadata")
+    lo.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                    help="load every LoRA in DIR (.safetensors files, diffusers LoRA folders) as adapters that "
+                         "requests select by name (their lora field; GET /v1/loras lists them), and let POST "
+                         "/v1/loras load more from DIR while serving (paths outside it are refused); needs "
+                         "--lora-mode unmerged")
+    lo.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
+                    help="write the generation parameters (prompt, negative prompt, seed, steps, guidance, size, "
+                         "model, LoRAs) into the images and MP4s served, as diffserve generate does (PNG text "
+                         "chunks, MP4 tags, JPEG comment); --no-metadata: leave them out (default on)")
     return p
+
+
+def lora_dir_entries(folder: Path) -> list[Path]:
+    """The LoRAs of a --lora-dir, sorted: its .safetensors files and its folders holding one (a diffusers
+    LoRA folder); hidden entries are skipped."""
+    def is_lora(entry: Path) -> bool:
+        if entry.is_dir():
+            return any(entry.glob("*.safetensors"))
+        return entry.is_file() and entry.suffix == ".safetensors"
+
+    return [entry for entry in sorted(folder.iterdir()) if not entry.name.startswith(".") and is_lora(entry)]
+
+
+def _lora_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The worker's LoRA settings: --lora-path / --lora-mode, and the LoRAs of --lora-dir (a one-line UserError
+    for a --lora-dir that is not a folder or comes without --lora-mode unmerged, or two LoRAs of one name)."""
+    from diffserve.lora.spec import LoraSpec
+
+    settings = lora_options(args)
+    found: tuple[LoraSpec, ...] = ()
+    if args.lora_dir is not None:
+        if settings["lora_mode"] != "unmerged":
+            raise UserError("--lora-dir loads adapters that each request selects by name; it needs "
+                            "--lora-mode unmerged")
+        if not args.lora_dir.is_dir():
+            raise UserError(f"--lora-dir {args.lora_dir}: not a folder")
+        found = tuple(LoraSpec(path=str(p)) for p in lora_dir_entries(args.lora_dir))
+    names = [s.name for s in (*settings["loras"], *found)]  # type: ignore[misc]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"two LoRAs are named {dupes[0]!r} (names come from file names, in --lora-path and "
+                        "--lora-dir); rename one")
+    return {**settings, "lora_dir_loras": found}
 
 
 def _duration(text: str) -> float:
@@ -171,13 +215,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     args.model_path = resolve_model_arg(args.model_path, "image")
     _check_args(args)
+    try:
+        check_port_free(args.host, args.port)  # before the model loads: a busy port is one line, exit 1
+    except UserError as e:
+        print(f"diffserve: error: {e}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     faults = os.environ.get(FAULT_INJECTION_ENV) == "1"
     worker = WorkerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
                           attention_backend=args.attention_backend, compile=getattr(args, "compile", False),
                           fuse=args.fuse, vae_dtype=args.vae_dtype, fp8=args.fp8,
                           parallel=parallel_config_from_args(args), fault_injection=faults,
-                          fail_load_marker=str(args.output_dir / ".fault-fail-load") if faults else None)
+                          fail_load_marker=str(args.output_dir / ".fault-fail-load") if faults else None,
+                          metadata=args.metadata, **_lora_settings(args))  # type: ignore[arg-type]
     watchdog = WatchdogConfig(heartbeat_timeout_s=args.worker_heartbeat_timeout,
                               batch_base_s=args.batch_timeout_base, cancel_grace_s=args.cancel_grace)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
@@ -187,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_url_inputs=args.allow_url_inputs, max_upload_bytes=int(args.max_upload_mb * 2**20),
         shutdown_grace_s=args.shutdown_grace, max_queue_bytes=int(args.max_queue_mb * 2**20),
         max_request_mpx_steps=args.max_request_cost, job_ttl_s=args.job_ttl,
-        output_quota_bytes=int(args.output_quota_gb * 2**30), watchdog=watchdog,
+        output_quota_bytes=int(args.output_quota_gb * 2**30), watchdog=watchdog, lora_dir=args.lora_dir,
         metrics_require_key=args.metrics_require_key, docs=args.docs, allowed_origins=origins,
         output_storage=args.output_storage, s3_endpoint_url=args.s3_endpoint_url)
     fatal: list[str] = []

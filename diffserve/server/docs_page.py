@@ -16,14 +16,14 @@ _STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 
           "table{border-collapse:collapse}td{padding:.1em .8em .1em 0;vertical-align:top}")
 
 
-def _body_fields(schema: dict[str, Any], operation: dict[str, Any]) -> list[str]:
-    """The field names of an operation's JSON request body (resolving one $ref)."""
+def _body_fields(schema: dict[str, Any], operation: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, description) of each field of an operation's JSON request body (resolving one $ref), by name."""
     content = operation.get("requestBody", {}).get("content", {})
     body = next(iter(content.values()), {}).get("schema", {})
     ref = body.get("$ref", "")
     if ref.startswith("#/components/schemas/"):
         body = schema.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[1], {})
-    return sorted(body.get("properties", {}))
+    return sorted((name, prop.get("description", "")) for name, prop in body.get("properties", {}).items())
 
 
 def render_docs(schema: dict[str, Any]) -> str:
@@ -43,8 +43,8 @@ def render_docs(schema: dict[str, Any]) -> str:
             rows = [f"<tr><td><code>{escape(p['name'])}</code></td><td>{escape(p.get('in', ''))}</td>"
                     f"<td>{'required' if p.get('required') else 'optional'}</td></tr>"
                     for p in op.get("parameters", [])]
-            rows += [f"<tr><td><code>{escape(name)}</code></td><td>body</td><td></td></tr>"
-                     for name in _body_fields(schema, op)]
+            rows += [f"<tr><td><code>{escape(name)}</code></td><td>body</td><td>{escape(text)}</td></tr>"
+                     for name, text in _body_fields(schema, op)]
             if rows:
                 parts.append("<table>" + "".join(rows) + "</table>")
     parts.append("</body></html>")

@@ -1,9 +1,11 @@
 """What the front process and the model worker send each other over their pipes (all picklable).
 
-Front -> worker, task pipe: `WorkerConfig` (at spawn), then one `BatchTask` at a time, `None` to stop.
+Front -> worker, task pipe: `WorkerConfig` (at spawn), then one `BatchTask` or `LoadLora` at a time, `None`
+to stop.
 Front -> worker, cancel pipe: an item id (stop that request) or `CANCEL_ALL` (shutdown).
 Worker -> front, event pipe: `Ready` or `LoadFailed` once, then per batch any number of `Progress`, one
-`ItemDone` per item, and a closing `BatchDone`; a `Heartbeat` every `WorkerConfig.heartbeat_s` throughout.
+`ItemDone` per item, and a closing `BatchDone`; per `LoadLora` one `LoraLoaded`; a `Heartbeat` every
+`WorkerConfig.heartbeat_s` throughout.
 
 Input images cross as `EncodedImage` (compressed bytes, already cut to the model's working size by the
 front), never as decoded pixels; outputs come back as encoded bytes and the front writes them.
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffserve.config import GenerationRequest, ModelDefaults
+from diffserve.lora.spec import LoraSpec
 
 CANCEL_ALL = "*"
 
@@ -49,6 +52,15 @@ class WorkerConfig:
     heartbeat_s: float = 1.0  # how often the worker says it is alive
     fault_injection: bool = False  # test hook, see diffserve.server.worker
     fail_load_marker: str | None = None  # with fault_injection: loading fails while this file exists
+    # LoRAs (`diffserve.lora`): `loras` are the start-up set (--lora-path; merged into the weights or the
+    # default adapters), `lora_dir_loras` the files of --lora-dir (selectable adapters, unmerged mode); a file
+    # of either that does not load fails the load. `replay_loras`: those added while serving (POST /v1/loras),
+    # loaded again by a restarted worker (one that no longer loads is left out, with a warning).
+    loras: tuple[LoraSpec, ...] = ()
+    lora_mode: str = "merged"
+    lora_dir_loras: tuple[LoraSpec, ...] = ()
+    replay_loras: tuple[LoraSpec, ...] = ()
+    metadata: bool = True  # write the generation parameters into the output files (--no-metadata: off)
 
 
 @dataclass(frozen=True)
@@ -77,14 +89,34 @@ class BatchTask:
 
 
 @dataclass
+class LoadLora:
+    """Load one more LoRA adapter (unmerged mode), between batches."""
+
+    request_id: int
+    spec: LoraSpec
+
+
+@dataclass
 class Ready:
-    """The engine is loaded."""
+    """The engine is loaded; `loras` are its loaded adapters (`Engine.list_loras` entries)."""
 
     defaults: ModelDefaults
     pipeline_class: str
     device: str
     dtype: str
     pid: int
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    lora_mode: str = "merged"
+
+
+@dataclass
+class LoraLoaded:
+    """The answer to a `LoadLora`: the new adapter's entry and the full list, or why it failed."""
+
+    request_id: int
+    info: dict[str, Any] | None = None
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    error: ItemError | None = None
 
 
 @dataclass

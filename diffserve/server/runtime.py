@@ -56,6 +56,7 @@ class ServerConfig:
     metrics_require_key: bool = False
     docs: bool = True
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
+    lora_dir: Path | None = None  # where POST /v1/loras may load LoRA files from (routes_loras)
     output_storage: str | None = None  # s3://bucket/prefix for url images and MP4s; None: under output_dir
     s3_endpoint_url: str | None = None  # an S3-compatible service other than AWS's (None: boto3's own choice)
 

@@ -2,10 +2,11 @@
 
 Requests wait in FIFO order. When the worker is free, the oldest request starts a batch, and every waiting
 request with the same batch key (``diffserve.pipelines.base.batch_key``: size, frames, steps, guidance,
-sequence length, negative prompt or not; plus whether it has an input image) joins it, oldest first, while
-the batch holds at most ``max_batch_size`` outputs (the sum of ``n``). If the batch is not full, the
-scheduler waits until the oldest request has waited ``batch_wait_s`` for more to arrive. Each request keeps
-its own seed and result. Requests that do not fit or do not match keep their place for the next batch.
+sequence length, negative prompt or not; plus its number of input images and its LoRA set) joins it,
+oldest first, while the batch holds at most ``max_batch_size`` outputs (the sum of ``n``). If the batch is
+not full, the scheduler waits until the oldest request has waited ``batch_wait_s`` for more to arrive. Each
+request keeps its own seed and result. Requests that do not fit or do not match keep their place for the next
+batch.
 
 The queue is bounded twice: in requests (``max_queue``) and in memory (``max_queue_bytes``: the prompts and
 the compressed input images of the waiting requests); either answers 429 ``queue_full``.
@@ -54,7 +55,9 @@ class WorkItem:
 
     @property
     def key(self) -> tuple:
-        return batch_key(self.request) + (len(self.request.images),)
+        """Requests of equal keys may be denoised together: same shapes and steps, and the same LoRA set (the
+        front fills `request.lora` with the resolved `LoraSet`, the default set included)."""
+        return batch_key(self.request) + (len(self.request.images), self.request.lora)
 
     def task_item(self) -> TaskItem:
         return TaskItem(self.id, self.request, self.output)

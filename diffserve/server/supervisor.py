@@ -13,21 +13,29 @@ requests that arrive meanwhile batch together). Worker states, shown on /health:
   apart); requests get 503 and the server is told (`on_fatal`), which makes `diffserve serve` exit 1 so that
   an outside supervisor (systemd, Kubernetes) restarts it;
 * ``stopped``: the server shut down.
+
+LoRA adapters added while serving (`load_lora`, POST /v1/loras) are loaded by the worker between batches;
+the supervisor remembers them and a restarted worker loads them again (`WorkerConfig.replay_loras`), so
+`info.loras` (what GET /v1/loras lists) survives a restart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
 from diffserve.config import ModelDefaults
+from diffserve.lora.spec import LoraSet, LoraSpec
 from diffserve.server.messages import (
     CANCEL_ALL,
     BatchDone,
@@ -35,6 +43,8 @@ from diffserve.server.messages import (
     Heartbeat,
     ItemDone,
     LoadFailed,
+    LoadLora,
+    LoraLoaded,
     Progress,
     Ready,
     WorkerConfig,
@@ -102,6 +112,9 @@ class WorkerSupervisor:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._batch_ids = itertools.count(1)
+        self._lora_asks: deque[tuple[LoraSpec, Future]] = deque()  # LoRA loads waiting for the worker
+        self._added_loras: list[LoraSpec] = []  # loaded while serving: replayed by a restarted worker
+        self._lora_closed = False  # the serving loop has ended: no LoRA load will run
         self._proc: Any = None
         self._tasks: Connection | None = None
         self._events: Connection | None = None
@@ -113,6 +126,33 @@ class WorkerSupervisor:
     @property
     def defaults(self) -> ModelDefaults | None:
         return self.info.defaults if self.info else None
+
+    @property
+    def lora_mode(self) -> str:
+        return self.info.lora_mode if self.info else self.cfg.lora_mode
+
+    def lora_state(self) -> tuple[list[str], LoraSet]:
+        """(names of the loaded adapters, the default set a request that leaves `lora` out gets)."""
+        loras = self.info.loras if self.info else []
+        default = LoraSet(tuple((str(i["name"]), float(i["scale"])) for i in loras if i.get("default")))
+        return [str(i["name"]) for i in loras], default
+
+    def load_lora(self, spec: LoraSpec) -> Future:
+        """Have the worker load one more adapter, between batches: a Future of its `list_loras` entry (an
+        APIError when it fails). A restarted worker loads it again."""
+        future: Future = Future()
+        with self._lock:
+            if self.state != "ready" or self._lora_closed:
+                future.set_exception(APIError(503, f"the model worker is {self.state}; retry shortly (see GET "
+                                                   "/health)", type="server_error", code="worker_not_ready"))
+            else:
+                self._lora_asks.append((spec, future))
+        return future
+
+    def worker_config(self) -> WorkerConfig:
+        """What the next worker is started with: the server's settings and the LoRAs added while serving."""
+        with self._lock:
+            return dataclasses.replace(self.cfg, replay_loras=tuple(self._added_loras))
 
     @property
     def running_count(self) -> int:
@@ -188,6 +228,7 @@ class WorkerSupervisor:
                 self._stop_process()
         finally:
             self._stop_process()
+            self._fail_lora_asks(shutting_down_error(), final=True)
 
     def _worker_lost(self, reason: str) -> None:
         """Record that the worker died (before anyone waiting is told, so /health already says so)."""
@@ -214,6 +255,7 @@ class WorkerSupervisor:
                          code="worker_dead")
         if self.on_fatal is not None:
             self.on_fatal(self.last_error or "the model could not be loaded")
+        self._fail_lora_asks(error)
         while not self._stopping.is_set():
             for item in self.scheduler.drain():
                 item.fail(error)
@@ -227,8 +269,8 @@ class WorkerSupervisor:
         cancel_r, cancel_w = ctx.Pipe(duplex=False)
         # A multi-GPU engine starts rank processes, which a daemonic process may not; the single-process
         # worker stays daemonic so it cannot outlive a front that exits without stopping it.
-        proc = ctx.Process(target=worker_main, args=(self.cfg, task_r, ev_w, cancel_r), name="diffserve-worker",
-                           daemon=self.cfg.parallel is None)
+        proc = ctx.Process(target=worker_main, args=(self.worker_config(), task_r, ev_w, cancel_r),
+                           name="diffserve-worker", daemon=self.cfg.parallel is None)
         launched = time.monotonic()
         proc.start()
         for end in (task_r, ev_w, cancel_r):
@@ -251,6 +293,8 @@ class WorkerSupervisor:
         if msg is None:
             return False
         self.info = msg
+        names = {str(i["name"]) for i in msg.loras}
+        self._added_loras = [s for s in self._added_loras if s.name in names]  # one that failed is dropped
         self.load_s = time.monotonic() - launched
         self._last_heard = time.monotonic()
         self._serving = True
@@ -297,6 +341,8 @@ class WorkerSupervisor:
     def _serve(self) -> None:
         """Feed batches to a ready worker until it dies, stalls or the server stops."""
         while not self._stopping.is_set():
+            if self._lora_asks and not self._load_loras():
+                return
             batch = self.scheduler.next_batch(timeout=0.2)
             try:
                 if not batch:
@@ -315,6 +361,54 @@ class WorkerSupervisor:
                 return
             if not self._execute(batch):
                 return
+
+    # ------------------------------------------------------------------------------------------- LoRAs
+
+    def _load_loras(self) -> bool:
+        """Run the LoRA loads asked for, one at a time; False when the worker died or stalled meanwhile."""
+        while True:
+            with self._lock:
+                if not self._lora_asks:
+                    return True
+                spec, future = self._lora_asks.popleft()
+            request_id = next(self._batch_ids)
+            lost = APIError(503, "the model worker stopped while loading the LoRA; it is being restarted, retry",
+                            type="server_error", code="worker_died")
+            try:
+                assert self._tasks is not None
+                try:
+                    self._tasks.send(LoadLora(request_id, spec))
+                except (BrokenPipeError, OSError):
+                    raise _WorkerDied() from None
+                msg = None
+                while not (isinstance(msg, LoraLoaded) and msg.request_id == request_id):
+                    msg = self._recv(timeout=0.2)
+            except _WorkerDied:
+                future.set_exception(lost)
+                self._worker_lost(f"the worker process died while loading a LoRA ({_exit_text(self._proc.exitcode)})")
+                return False
+            except _WorkerStalled as e:
+                future.set_exception(lost)
+                self._kill(e.reason)
+                return False
+            if msg.error is not None:
+                e = msg.error
+                future.set_exception(APIError(e.status, e.message, type=e.type, param="path", code=e.code))
+                continue
+            with self._lock:
+                self._added_loras.append(spec)
+                if self.info is not None:
+                    self.info = dataclasses.replace(self.info, loras=msg.loras)
+            future.set_result(msg.info)
+
+    def _fail_lora_asks(self, error: APIError, *, final: bool = False) -> None:
+        """Fail the LoRA loads still waiting (`final`: and every later one: the loop is over)."""
+        with self._lock:
+            asks = list(self._lora_asks)
+            self._lora_asks.clear()
+            self._lora_closed = self._lora_closed or final
+        for _, future in asks:
+            future.set_exception(error)
 
     # ------------------------------------------------------------------------------------------- batches
 

@@ -7,7 +7,9 @@ that raises is retried one request at a time, so a request that fails (CUDA out-
 fails only itself. Cancellation arrives on its own pipe and is checked at every step boundary: the batch
 stops once every request in it is cancelled (a cancelled request inside a batch that goes on is dropped
 when the batch ends, never encoded). The worker also stops a batch when the front process dies. Outputs go
-back encoded (PNG/JPEG/WebP/MP4 bytes); the front writes the files.
+back encoded (PNG/JPEG/WebP/MP4 bytes) with the generation parameters written into them
+(`GenerationResult.metadata`, plus the LoRA set; off with `WorkerConfig.metadata`); the front writes the files.
+LoRA adapters are loaded between batches when the front sends `LoadLora`.
 
 Fault injection (tests only, `WorkerConfig.fault_injection`; `diffserve serve` sets it when the environment
 has DIFFSERVE_SERVER_FAULT_INJECTION=1): a prompt starting with ``__fault_oom__`` raises
@@ -19,6 +21,7 @@ exists (checked first thing).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -37,11 +40,15 @@ from diffserve.server.messages import (
     ItemDone,
     ItemError,
     LoadFailed,
+    LoadLora,
+    LoraLoaded,
     Progress,
     Ready,
     TaskItem,
     WorkerConfig,
 )
+
+log = logging.getLogger("diffserve.server.worker")
 
 CANCELLED = ItemError(499, "the request was cancelled", type="invalid_request_error", code="cancelled")
 
@@ -145,11 +152,13 @@ def _decoded(item: TaskItem) -> object:
 class BatchRunner:
     """Runs batches on the engine and reports each item's outcome on the event pipe."""
 
-    def __init__(self, engine: object, events: EventPipe, cancels: CancelWatch, fault_injection: bool) -> None:
+    def __init__(self, engine: object, events: EventPipe, cancels: CancelWatch, fault_injection: bool,
+                 metadata: bool = True) -> None:
         self.engine = engine
         self.events = events
         self.cancels = cancels
         self.fault_injection = fault_injection
+        self.metadata = metadata
 
     def run(self, task: BatchTask) -> None:
         try:
@@ -213,14 +222,46 @@ class BatchRunner:
         try:
             videos, images = res.videos, res.images  # type: ignore[attr-defined]
             fps = int(res.fps or 16)  # type: ignore[attr-defined]
+            meta = output_metadata(res) if self.metadata else None
             if videos:
-                done.blobs = [encode_video(v, spec.fmt, fps) for v in videos]
+                done.blobs = [encode_video(v, spec.fmt, fps, metadata=meta) for v in videos]
             else:
-                done.blobs = [encode_image(im, spec.fmt, spec.quality) for im in images]
+                done.blobs = [encode_image(im, spec.fmt, spec.quality, metadata=meta) for im in images]
         except Exception as e:  # noqa: BLE001
             self._fail(task, it, classify(e))
             return
         self.events.send(done)
+
+
+def output_metadata(res: object) -> dict[str, str]:
+    """What the server writes into an output file: the result's generation metadata (as `diffserve generate`
+    writes), plus the LoRA set it ran with when it had one ("name:scale,...")."""
+    meta = dict(res.metadata)  # type: ignore[attr-defined]
+    lora = getattr(res.request, "lora", None)  # type: ignore[attr-defined]
+    if lora:
+        meta["lora"] = str(lora)
+    return meta
+
+
+def load_lora(engine: object, msg: LoadLora) -> LoraLoaded:
+    """Load the adapter `msg` asks for; the answer for the front (the error when it failed)."""
+    try:
+        info = engine.load_lora(msg.spec.path, name=msg.spec.name)  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - a bad file fails this load only
+        return LoraLoaded(msg.request_id, error=classify(e))
+    return LoraLoaded(msg.request_id, info=info, loras=engine.list_loras())  # type: ignore[attr-defined]
+
+
+def _load_extra_loras(engine: object, cfg: WorkerConfig) -> None:
+    """Load the --lora-dir files (a failure is the caller's) and replay the adapters added while serving
+    (one that no longer loads is left out with a warning)."""
+    for spec in cfg.lora_dir_loras:
+        engine.load_lora(spec.path, name=spec.name)  # type: ignore[attr-defined]
+    for spec in cfg.replay_loras:
+        try:
+            engine.load_lora(spec.path, name=spec.name)  # type: ignore[attr-defined]
+        except UserError as e:
+            log.warning("LoRA %r added while serving no longer loads; left out: %s", spec.name, e)
 
 
 def _quiet_libraries() -> None:
@@ -233,7 +274,7 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def _load(cfg: WorkerConfig, events: EventPipe) -> object | None:
+def load_engine(cfg: WorkerConfig, events: EventPipe) -> object | None:
     """Build the engine and announce it (Ready), or report why it could not be built (LoadFailed)."""
     from diffserve.engine.entry import Engine
 
@@ -241,7 +282,15 @@ def _load(cfg: WorkerConfig, events: EventPipe) -> object | None:
         engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,
                                         attention_backend=cfg.attention_backend, compile=cfg.compile,
                                         fuse=cfg.fuse, vae_dtype=cfg.vae_dtype, fp8=cfg.fp8,
-                                        parallel=cfg.parallel)  # type: ignore[arg-type]
+                                        parallel=cfg.parallel,  # type: ignore[arg-type]
+                                        loras=cfg.loras, lora_mode=cfg.lora_mode)
+        try:
+            _load_extra_loras(engine, cfg)
+        except BaseException:
+            close = getattr(engine, "close", None)  # a multi-GPU engine stops its rank processes
+            if close is not None:
+                close()
+            raise
     except UserError as e:
         events.send(LoadFailed(str(e), user_error=True))
         return None
@@ -250,7 +299,8 @@ def _load(cfg: WorkerConfig, events: EventPipe) -> object | None:
         return None
     cfg_e = engine.config
     events.send(Ready(defaults=engine.defaults, pipeline_class=engine.pipeline_class, device=str(cfg_e.device),
-                      dtype=str(cfg_e.dtype).removeprefix("torch."), pid=os.getpid()))
+                      dtype=str(cfg_e.dtype).removeprefix("torch."), pid=os.getpid(),
+                      loras=engine.list_loras(), lora_mode=cfg.lora_mode))
     return engine
 
 
@@ -263,10 +313,10 @@ def worker_main(cfg: WorkerConfig, tasks: Connection, events: Connection, cancel
         return
     threading.Thread(target=_beat, args=(pipe, cfg.heartbeat_s), name="diffserve-heartbeat", daemon=True).start()
     _quiet_libraries()
-    engine = _load(cfg, pipe)
+    engine = load_engine(cfg, pipe)
     if engine is None:
         return
-    _serve(BatchRunner(engine, pipe, CancelWatch(cancels), cfg.fault_injection), tasks)
+    _serve(BatchRunner(engine, pipe, CancelWatch(cancels), cfg.fault_injection, cfg.metadata), tasks)
     close = getattr(engine, "close", None)  # a multi-GPU engine stops its rank processes
     if close is not None:
         close()
@@ -284,6 +334,9 @@ def _serve(runner: BatchRunner, tasks: Connection) -> None:
         if task is None:
             return
         try:
+            if isinstance(task, LoadLora):
+                runner.events.send(load_lora(runner.engine, task))
+                continue
             runner.run(task)
         except (BrokenPipeError, EOFError, OSError):
             return
