@@ -43,7 +43,6 @@ from diffserve.server.protocol import (
     parse_size,
     resolve,
 )
-from diffserve.server.routes_loras import request_lora
 from diffserve.server.runtime import Runtime
 from diffserve.server.scheduler import WorkItem
 
@@ -79,10 +78,11 @@ def _build_request(rt: Runtime, body: ImageGenerationBody, image: Any) -> Genera
     width, height = parse_size(body.size)
     req = resolve(GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
-        num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance(), seed=body.seed,
-        num_outputs=n, image=image, lora=body.lora_value()), defaults)
+        num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
+        true_cfg_scale=body.true_cfg_scale, seed=body.seed,
+        num_outputs=n, image=image), defaults)
     rt.check_cost(req, defaults)
-    return request_lora(rt, req)
+    return req
 
 
 async def _disconnected(request: Request) -> None:
@@ -173,8 +173,7 @@ async def _referenced_image(rt: Runtime, ref: ImageReference, rules: ImageRules)
 @router.post("/images/edits")
 async def edit_image(request: Request) -> dict[str, Any]:
     """Image + prompt to image, for models that take an input image: multipart (``image`` file and the same
-    fields as generations, what OpenAI's SDK sends) or JSON with ``images: [{"image_url": ...}]``. ``lora`` as
-    in generations (in a multipart form: one comma-separated string, e.g. "style:0.8,detail")."""
+    fields as generations, what OpenAI's SDK sends) or JSON with ``images: [{"image_url": ...}]``."""
     rt: Runtime = request.app.state.runtime
     defaults = rt.defaults()
     if is_form(request):
