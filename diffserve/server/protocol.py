@@ -9,6 +9,7 @@ Extensions accepted in the same body as OpenAI's fields (all optional; the model
 ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale`` (HunyuanVideo's true CFG;
 Qwen-Image's guidance_scale under diffusers' name; other models answer 400), ``seed``; videos also
 ``num_frames`` (4k+1, overrides ``seconds``) and ``fps``.
+``lora`` (every body): the LoRA adapters to run with (`LORA_FIELD_HELP`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import re
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from diffserve.config import GenerationRequest, ModelDefaults, resolve_request
@@ -149,6 +158,21 @@ class _Body(BaseModel):
             raise from_validation_error(e.errors(include_url=False)) from None
 
 
+LORA_FIELD_HELP = (
+    "LoRA adapters to run with, from those the server has loaded (GET /v1/loras): a list of "
+    '{"name": NAME, "scale": SCALE} objects (scale optional, default 1.0) or "NAME[:SCALE]" strings, e.g. '
+    '[{"name": "style", "scale": 0.8}] or ["style:0.8", "detail"]; or one string, several comma-separated '
+    '("style:0.8,detail": the form of multipart bodies). Left out: the server\'s start-up set (--lora-path); '
+    '[] or "": none. With --lora-mode merged only the start-up set can be asked for.')
+
+
+class LoraEntry(_Body):
+    """One adapter of a request's `lora` list."""
+
+    name: str
+    scale: float = 1.0
+
+
 class SamplingExtensions(_Body):
     """Sampling fields beyond OpenAI's, accepted in every generation body."""
 
@@ -157,6 +181,29 @@ class SamplingExtensions(_Body):
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None  # diffusers' name; per model, `diffserve.config.guidance_scales`
     seed: int | None = None
+    lora: str | list[str | LoraEntry] | None = Field(default=None, description=LORA_FIELD_HELP)
+
+    @field_validator("lora", mode="wrap")
+    @classmethod
+    def _lora_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One message for a `lora` of the wrong shape (not one per branch of the union)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("lora_type", 'give a list of {"name", "scale"} objects or "NAME[:SCALE]" '
+                                                   "strings, or one such string") from None
+
+    def lora_value(self) -> list[Any] | None:
+        """`lora` as `LoraSet.parse` takes it (None: left out); a string may hold several, comma-separated."""
+        if self.lora is None:
+            return None
+        out: list[Any] = []
+        for item in [self.lora] if isinstance(self.lora, str) else self.lora:
+            if isinstance(item, str):
+                out += [part.strip() for part in item.split(",") if part.strip()]
+            else:
+                out.append({"name": item.name, "scale": item.scale})
+        return out
 
 
 class ImageGenerationBody(SamplingExtensions):

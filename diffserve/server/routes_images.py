@@ -43,6 +43,7 @@ from diffserve.server.protocol import (
     parse_size,
     resolve,
 )
+from diffserve.server.routes_loras import request_lora
 from diffserve.server.runtime import Runtime
 from diffserve.server.scheduler import WorkItem
 
@@ -80,9 +81,9 @@ def _build_request(rt: Runtime, body: ImageGenerationBody, image: Any) -> Genera
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
         true_cfg_scale=body.true_cfg_scale, seed=body.seed,
-        num_outputs=n, image=image), defaults)
+        num_outputs=n, image=image, lora=body.lora_value()), defaults)
     rt.check_cost(req, defaults)
-    return req
+    return request_lora(rt, req)
 
 
 async def _disconnected(request: Request) -> None:
@@ -173,7 +174,8 @@ async def _referenced_image(rt: Runtime, ref: ImageReference, rules: ImageRules)
 @router.post("/images/edits")
 async def edit_image(request: Request) -> dict[str, Any]:
     """Image + prompt to image, for models that take an input image: multipart (``image`` file and the same
-    fields as generations, what OpenAI's SDK sends) or JSON with ``images: [{"image_url": ...}]``."""
+    fields as generations, what OpenAI's SDK sends) or JSON with ``images: [{"image_url": ...}]``. ``lora`` as
+    in generations (in a multipart form: one comma-separated string, e.g. "style:0.8,detail")."""
     rt: Runtime = request.app.state.runtime
     defaults = rt.defaults()
     if is_form(request):

@@ -40,6 +40,7 @@ from diffserve.server.protocol import (
     parse_size,
     resolve,
 )
+from diffserve.server.routes_loras import request_lora
 from diffserve.server.runtime import Runtime
 from diffserve.server.scheduler import WorkItem
 
@@ -100,9 +101,9 @@ def _build_request(rt: Runtime, body: VideoCreateBody, image: Any) -> Generation
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
         true_cfg_scale=body.true_cfg_scale, seed=body.seed,
-        num_frames=frames, fps=body.fps, image=image), defaults)
+        num_frames=frames, fps=body.fps, image=image, lora=body.lora_value()), defaults)
     rt.check_cost(req, defaults)
-    return req
+    return request_lora(rt, req)
 
 
 def _job_done(rt: Runtime, job_id: str, future: Future) -> None:
@@ -123,7 +124,9 @@ def _job_done(rt: Runtime, job_id: str, future: Future) -> None:
 
 @router.post("/videos")
 async def create_video(request: Request) -> dict[str, Any]:
-    """Queue a text-to-video or image-to-video job; answers the job at once."""
+    """Queue a text-to-video or image-to-video job; answers the job at once. Besides OpenAI's fields the body
+    takes negative_prompt, num_inference_steps, guidance_scale, seed, num_frames, fps and ``lora`` (as in
+    POST /v1/images/generations; in a multipart form one comma-separated string, e.g. "style:0.8,detail")."""
     rt: Runtime = request.app.state.runtime
     defaults = rt.defaults()
     body, upload = await _parse_body(rt, request)
