@@ -20,10 +20,8 @@ model defaults (what a flag left out becomes; each reference pipeline's own):
   FLUX.1-schnell        1024x1024, 4 steps, no guidance
   Wan2.1 T2V / I2V      832x480, 81 frames at 16 fps, 50 steps, CFG 5.0 (negative prompt: empty if not given);
                         I2V: size from the input image's aspect ratio at 832x480's pixel count
-  HunyuanVideo          1280x720, 129 frames at 24 fps, 50 steps, guidance 6.0 (embedded); true CFG off
-                        (--true-cfg-scale > 1 with --negative-prompt: two passes per step, as diffusers)
-  Qwen-Image            1024x1024, 50 steps, true CFG 4.0 (runs when a negative prompt is given; --guidance-scale
-                        and --true-cfg-scale both set it)
+  HunyuanVideo          1280x720, 129 frames at 24 fps, 50 steps, guidance 6.0 (embedded)
+  Qwen-Image            1024x1024, 50 steps, true CFG 4.0 (runs when a negative prompt is given)
   Qwen-Image-Edit       an input image required (--image-path, or the upload); size: the input's aspect
                         ratio at about 1024x1024 pixels; 50 steps, true CFG 4.0 (with a negative prompt)"""
 """The `--help` epilog of generate and serve: each family's defaults (a request field left out gets them)."""
@@ -65,6 +63,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-mode", choices=("merged", "unmerged"), default="merged",
                    help="merged (default): LoRAs added into the weights at start-up (no cost per step); unmerged: "
                         "kept as adapters each request may switch (its lora field) and more may be loaded later")
+    mem = p.add_argument_group("memory (README: running big models on small cards)")
+    mem.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
+                     help="decode with the VAE in overlapping tiles (close to the untiled decode, not bit-exact); "
+                          "auto (default): tiled where the untiled decode is estimated not to fit the free GPU "
+                          "memory, never on a CPU")
+    mem.add_argument("--text-encoder-cpu-offload", action="store_true",
+                     help="keep the text (and image) encoders in pinned host memory; they go to the GPU for the "
+                          "encoding stage only")
+    mem.add_argument("--vae-cpu-offload", action="store_true",
+                     help="keep the VAE in pinned host memory; it goes to the GPU for encoding/decoding only")
+    mem.add_argument("--dit-cpu-offload", action="store_true",
+                     help="stream the transformer's blocks from pinned host memory, block by block (the next "
+                          "block's weights are copied while the current one computes); the rest stays on the GPU")
+    mem.add_argument("--max-gpu-memory", default=None, metavar="GiB|auto",
+                     help="pick the cheapest of the offloads above that fits this many GiB of GPU memory (auto: the "
+                          "card's memory), estimated from the weights' sizes and the default request's activations; "
+                          "offload flags given are always applied")
     par = p.add_argument_group("multi-GPU (docs/PARALLEL.md)")
     par.add_argument("--num-gpus", type=int, default=None,
                      help="processes / GPUs in all (default: the product of the settings below, else 1)")
@@ -84,6 +99,20 @@ def lora_options(args: argparse.Namespace) -> dict[str, object]:
     from diffserve.lora.spec import LoraSpec
 
     return {"loras": tuple(LoraSpec.parse(text) for text in args.lora_path or ()), "lora_mode": args.lora_mode}
+
+
+def memory_options(args: argparse.Namespace) -> dict[str, object]:
+    """The memory keyword arguments of `Engine.from_pretrained` from the parsed memory flags."""
+    limit = args.max_gpu_memory
+    if limit is not None and limit != "auto":
+        try:
+            limit = float(limit)
+        except ValueError:
+            raise UserError(f"--max-gpu-memory {limit!r} is not accepted: give GiB (a number > 0) or auto",
+                            param="max_gpu_memory") from None
+    return {"vae_tiling": {"auto": None, "on": True, "off": False}[args.vae_tiling],
+            "text_encoder_cpu_offload": args.text_encoder_cpu_offload, "vae_cpu_offload": args.vae_cpu_offload,
+            "dit_cpu_offload": args.dit_cpu_offload, "max_gpu_memory": limit}
 
 
 def _words(flag: str) -> set[str]:

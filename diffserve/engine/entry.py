@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from diffserve.accel.cache_config import StepCacheConfig, parse_step_cache
-from diffserve.config import EngineConfig, default_device, parse_device, parse_dtype
+from diffserve.config import EngineConfig, OffloadConfig, default_device, parse_device, parse_dtype
 from diffserve.embedded import resolve_model_arg
 from diffserve.engine.engine import LocalEngine
 from diffserve.engine.parallel_engine import ParallelEngine, needs_parallel_engine
@@ -31,6 +31,9 @@ class Engine(LocalEngine):
                         compile: bool = False, parallel: ParallelConfig | None = None,
                         fuse: bool | None = None,
                         vae_dtype: str | torch.dtype | None = None,
+                        vae_tiling: bool | None = None, text_encoder_cpu_offload: bool = False,
+                        vae_cpu_offload: bool = False, dit_cpu_offload: bool | float = False,
+                        max_gpu_memory: float | str | None = None,
                         loras: Sequence[LoraSpec | str | tuple[str, float]] = (),
                         lora_mode: str = "merged",
                         step_cache: StepCacheConfig | str | None = None,
@@ -39,6 +42,12 @@ class Engine(LocalEngine):
         one process (or in a torchrun world of several) the engine is a `ParallelEngine` with the same API
         (docs/PARALLEL.md); otherwise an `Engine` in this process on `device` (default: CUDA if present),
         in `dtype` (default: bf16 on CUDA, fp32 elsewhere).
+
+        Memory (README "Running big models on small cards"): `vae_tiling` True/False, None = tiled where the
+        untiled decode would not fit; `text_encoder_cpu_offload` / `vae_cpu_offload` keep those in host memory
+        and put them on the GPU for their stage; `dit_cpu_offload` streams the DiT's blocks from host memory
+        (True: all; a number: that share of them); `max_gpu_memory` (GiB, or "auto": the card's memory) picks
+        the cheapest of these that fits. See `diffserve.engine.offload`.
 
         `loras`: LoRA files to load, each a (path, scale) pair, `"PATH[:SCALE]"` or a `LoraSpec`;
         `lora_mode`: "merged" (into the weights, fixed) or "unmerged" (adapters each request may switch with
@@ -53,11 +62,14 @@ class Engine(LocalEngine):
         with compute capability 8.9+, bf16). See `diffserve.layers.fp8`."""
         model_path = resolve_model_arg(model_path, "image")
         specs = tuple(LoraSpec.coerce(item) for item in loras)
+        offload = OffloadConfig(text_encoder=text_encoder_cpu_offload, vae=vae_cpu_offload,
+                                dit=float(dit_cpu_offload), max_gpu_memory=max_gpu_memory)
         cache = parse_step_cache(step_cache)
         if needs_parallel_engine(parallel):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,
                                                   attention_backend=attention_backend, parallel=parallel,
                                                   fuse=fuse, vae_dtype=vae_dtype, loras=specs, lora_mode=lora_mode,
+                                                  vae_tiling=vae_tiling, offload=offload,
                                                   step_cache=cache,
                                                   fp8=fp8)
         dev = parse_device(device) if device is not None else default_device()
@@ -65,4 +77,5 @@ class Engine(LocalEngine):
         return cls(EngineConfig(model_path=model_path, dtype=dt, device=dev, attention_backend=attention_backend,
                                 compile=compile, fuse=fuse, loras=specs, lora_mode=lora_mode, step_cache=cache,
                                 fp8=fp8,
-                                vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None))
+                                vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None,
+                                vae_tiling=vae_tiling, offload=offload))

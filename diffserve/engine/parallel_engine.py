@@ -25,7 +25,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffserve.accel.cache_config import StepCacheConfig
-from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, default_device, parse_dtype
+from diffserve.config import (
+    EngineConfig,
+    GenerationRequest,
+    ModelDefaults,
+    OffloadConfig,
+    default_device,
+    parse_dtype,
+)
 from diffserve.engine.engine import GenerateAPI, GenerationResult
 from diffserve.engine.ranks import (
     Front,
@@ -214,11 +221,13 @@ class ParallelEngine(GenerateAPI):
                         device: str | torch.device | None = None, attention_backend: str | None = None,
                         compile: bool = False, parallel: ParallelConfig | None = None,
                         timeout_s: float = 1800.0, fuse: bool | None = None,
+                        vae_tiling: bool | None = None, offload: OffloadConfig | None = None,
                         vae_dtype: str | torch.dtype | None = None, loras: tuple[LoraSpec, ...] = (),
                         lora_mode: str = "merged", step_cache: StepCacheConfig | None = None,
                         fp8: str = "off") -> ParallelEngine:
         """Start the ranks (or join torchrun's) and load the model on each. Layout errors are raised here
-        as ParallelConfigError before any process starts."""
+        as ParallelConfigError before any process starts. `vae_tiling` and `offload` apply on every rank: each
+        offloads its own copy of the model (and resolves `offload.max_gpu_memory` against its own GPU)."""
         env = torchrun_env()
         parallel = parallel or ParallelConfig(num_gpus=env.world_size if env else None)
         if env is not None and parallel.world_size != env.world_size:
@@ -240,12 +249,14 @@ class ParallelEngine(GenerateAPI):
         spec = WorkerSpec(model_path=model_path, dtype=dt, device_type=dev.type,
                           attention_backend=attention_backend, parallel=resolved, compile=compile,
                           timeout_s=timeout_s, fuse=fuse, loras=tuple(loras), lora_mode=lora_mode,
+                          vae_tiling=vae_tiling, offload=offload or OffloadConfig(),
                           step_cache=step_cache or StepCacheConfig(),
                           fp8=fp8,
                           vae_dtype=parse_dtype(vae_dtype) if vae_dtype is not None else None)
         config = EngineConfig(model_path=model_path, dtype=dt, device=torch.device(dev.type),
                               attention_backend=attention_backend, compile=compile,
                               fuse=fuse, vae_dtype=spec.vae_dtype, loras=spec.loras, lora_mode=lora_mode,
+                              vae_tiling=vae_tiling, offload=spec.offload,
                               step_cache=spec.step_cache,
                               fp8=fp8)
         if env is None:

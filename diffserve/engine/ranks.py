@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from diffserve.accel.cache_config import StepCacheConfig
 from diffserve.accel.step_cache import set_cache_group
-from diffserve.config import EngineConfig, GenerationRequest
+from diffserve.config import EngineConfig, GenerationRequest, OffloadConfig
 from diffserve.engine.engine import GenerationResult, LocalEngine
 from diffserve.errors import UserError
 from diffserve.layers.attention import AttentionOp, check_ring_backend
@@ -93,6 +93,8 @@ class WorkerSpec:
     vae_dtype: torch.dtype | None = None
     loras: tuple[LoraSpec, ...] = ()  # loaded by every rank, the same way
     lora_mode: str = "merged"
+    vae_tiling: bool | None = None
+    offload: OffloadConfig = field(default_factory=OffloadConfig)  # each rank offloads its own copy
     step_cache: StepCacheConfig = field(default_factory=StepCacheConfig)  # lossy, off by default
     fp8: str = "off"  # lossy FP8 (diffserve.layers.fp8), fixed at load
 
@@ -240,6 +242,7 @@ class RankRuntime:
         engine = LocalEngine(EngineConfig(model_path=spec.model_path, dtype=spec.dtype, device=device,
                                           attention_backend=spec.attention_backend, compile=spec.compile,
                                           fuse=spec.fuse, vae_dtype=spec.vae_dtype, loras=spec.loras,
+                                          vae_tiling=spec.vae_tiling, offload=spec.offload,
                                           lora_mode=spec.lora_mode, step_cache=spec.step_cache,
                                           fp8=spec.fp8))
         heads = engine.pipeline.components.transformer.cfg.num_attention_heads  # type: ignore[attr-defined]

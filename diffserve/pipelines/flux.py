@@ -27,6 +27,12 @@ from diffserve.pipelines.base import (
 from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise
 from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output, t5_hidden_states
+from diffserve.pipelines.stages.vae_tiling import (
+    decode_bytes,
+    set_tiling,
+    use_tiling,
+    widest_decoder_channels,
+)
 from diffserve.schedulers.flow_match import FlowMatchConfig, FlowMatchEulerSampler
 from diffserve.schedulers.guidance import EmbeddedGuidance, Guidance, NoGuidance
 
@@ -64,6 +70,7 @@ class FluxComponents:
     transformer: FluxTransformer
     vae: torch.nn.Module
     scheduler: FlowMatchConfig
+    vae_tiling: bool | None = None  # EngineConfig.vae_tiling
 
     @property
     def vae_scale_factor(self) -> int:
@@ -163,22 +170,27 @@ class FluxDecodingStage(PipelineStage):
         f, vae = self.c.vae_scale_factor, self.c.vae
         z = unpack_latents(state.latents, state.request.height // f, state.request.width // f)
         z = z / vae.config.scaling_factor + vae.config.shift_factor
+        r = state.request
+        estimate = decode_bytes(widest_decoder_channels(vae.config.block_out_channels), 1, r.height, r.width,
+                                vae.dtype) * z.shape[0]
+        set_tiling(vae, use_tiling(self.c.vae_tiling, estimate, state.device))
         image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         state.pixels = (image / 2 + 0.5).clamp(0, 1).float()  # (B, 3, H, W)
 
 
 def load_flux_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> FluxComponents:
-    dt, dev = cfg.dtype, cfg.device
+    dt = cfg.dtype
     folder = index.folder("transformer")
     tcfg = FluxConfig.from_dict(read_json(folder / "config.json"))
     return FluxComponents(
         tokenizer=load_component(index, "tokenizer"),
-        text_encoder=load_component(index, "text_encoder", dt, dev),
+        text_encoder=load_component(index, "text_encoder", dt, cfg.load_device("text_encoder")),
         tokenizer_2=load_component(index, "tokenizer_2"),
-        text_encoder_2=load_component(index, "text_encoder_2", dt, dev),
-        transformer=load_dit(lambda: FluxTransformer(tcfg, attention), folder, dt, dev),
-        vae=load_component(index, "vae", cfg.vae_dtype or dt, dev),
+        text_encoder_2=load_component(index, "text_encoder_2", dt, cfg.load_device("text_encoder_2")),
+        transformer=load_dit(lambda: FluxTransformer(tcfg, attention), folder, dt, cfg.load_device("transformer")),
+        vae=load_component(index, "vae", cfg.vae_dtype or dt, cfg.load_device("vae")),
         scheduler=FlowMatchConfig.from_dict(read_json(index.folder("scheduler") / "scheduler_config.json")),
+        vae_tiling=cfg.vae_tiling,
     )
 
 

@@ -17,8 +17,7 @@ announced in the prompt as "Picture i:" with its own placeholder and seen by the
 384x384 pixels, and each is appended as VAE tokens at about 1024x1024 (its own RoPE frame index); the
 output size follows the last image.
 
-Request fields: `guidance_scale` is the reference's `true_cfg_scale` (default 4.0; a request may also give it
-as `true_cfg_scale`, `diffserve.config.guidance_scales`); as in the reference,
+Request fields: `guidance_scale` is the reference's `true_cfg_scale` (default 4.0); as in the reference,
 guidance runs only when the request has a negative prompt (" " is enough) and the scale is above 1.
 `max_sequence_length` (default 512) truncates the text-to-image conditioning; editing never truncates
 (as the reference: its conditioning holds the image tokens).
@@ -49,6 +48,12 @@ from diffserve.pipelines.flux import pack_latents, unpack_latents
 from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise
 from diffserve.pipelines.stages.text import repeat_per_output
+from diffserve.pipelines.stages.vae_tiling import (
+    decode_bytes,
+    set_tiling,
+    use_tiling,
+    widest_decoder_channels,
+)
 from diffserve.schedulers.flow_match import FlowMatchConfig, FlowMatchEulerSampler
 from diffserve.schedulers.guidance import NormRescaledCfg
 
@@ -100,6 +105,7 @@ class QwenImageComponents:
     vae: torch.nn.Module
     scheduler: FlowMatchConfig
     processor: object | None = None  # Qwen2-VL processor (editing): image placeholders + vision inputs
+    vae_tiling: bool | None = None  # EngineConfig.vae_tiling
 
     @property
     def vae_scale_factor(self) -> int:
@@ -310,6 +316,9 @@ class QwenDecodingStage(PipelineStage):
         z = unpack_latents(state.latents, state.request.height // f, state.request.width // f)  # (B, z, h, w)
         z = z.unsqueeze(2).to(vae.dtype)  # (B, z, 1, h, w)
         mean, std = self.c.latent_stats(z.device, z.dtype)
+        channels = widest_decoder_channels([vae.config.base_dim * m for m in vae.config.dim_mult])
+        estimate = decode_bytes(channels, 1, state.request.height, state.request.width, vae.dtype) * z.shape[0]
+        set_tiling(vae, use_tiling(self.c.vae_tiling, estimate, state.device))
         image = vae.decode(z / (1.0 / std) + mean, return_dict=False)[0][:, :, 0]
         state.pixels = (image / 2 + 0.5).clamp(0, 1).float()  # (B, 3, H, W)
 
@@ -387,16 +396,17 @@ def load_processor(folder: Path) -> object:
 
 def load_qwen_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp,
                          edit: bool) -> QwenImageComponents:
-    dt, dev = cfg.dtype, cfg.device
+    dt = cfg.dtype
     folder = index.folder("transformer")
     tcfg = QwenImageConfig.from_dict(read_json(folder / "config.json"))
     return QwenImageComponents(
         tokenizer=load_component(index, "tokenizer"),
-        text_encoder=load_component(index, "text_encoder", dt, dev),
-        transformer=load_dit(lambda: QwenImageTransformer(tcfg, attention), folder, dt, dev),
-        vae=load_component(index, "vae", cfg.vae_dtype or dt, dev),
+        text_encoder=load_component(index, "text_encoder", dt, cfg.load_device("text_encoder")),
+        transformer=load_dit(lambda: QwenImageTransformer(tcfg, attention), folder, dt, cfg.load_device("transformer")),
+        vae=load_component(index, "vae", cfg.vae_dtype or dt, cfg.load_device("vae")),
         scheduler=FlowMatchConfig.from_dict(read_json(index.folder("scheduler") / "scheduler_config.json")),
         processor=load_processor(index.folder("processor")) if edit else None,
+        vae_tiling=cfg.vae_tiling,
     )
 
 

@@ -41,6 +41,12 @@ from diffserve.pipelines.base import (
 from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise, video_latent_shape
 from diffserve.pipelines.stages.text import repeat_per_output, umt5_embeddings
+from diffserve.pipelines.stages.vae_tiling import (
+    decode_bytes,
+    set_tiling,
+    use_tiling,
+    widest_decoder_channels,
+)
 from diffserve.schedulers.dmd import DMDSampler, dmd_schedule
 from diffserve.schedulers.guidance import ClassifierFreeGuidance
 from diffserve.schedulers.sampler import Sampler
@@ -98,6 +104,7 @@ class WanComponents:
     schedule: WanSchedule
     image_encoder: torch.nn.Module | None = None
     image_processor: object | None = None
+    vae_tiling: bool | None = None  # EngineConfig.vae_tiling
 
     @property
     def scale_spatial(self) -> int:
@@ -225,28 +232,35 @@ class WanDecodingStage(PipelineStage):
     @torch.no_grad()
     def run(self, state: PipelineState) -> None:
         assert state.latents is not None
-        vae = self.c.vae
+        vae, r = self.c.vae, state.request
         z = state.latents.to(vae.dtype)
         mean, std = self.c.latent_stats(z.device, z.dtype)
+        # the causal VAE decodes one latent frame (4 video frames) at a time
+        channels = widest_decoder_channels([vae.config.base_dim * m for m in vae.config.dim_mult])
+        frames = int(r.num_frames)  # type: ignore[arg-type]
+        estimate = decode_bytes(channels, min(frames, self.c.scale_temporal), r.height, r.width, vae.dtype,
+                                output_frames=frames) * z.shape[0]
+        set_tiling(vae, use_tiling(self.c.vae_tiling, estimate, state.device))
         video = vae.decode(z / (1.0 / std) + mean, return_dict=False)[0]
         state.pixels = (video / 2 + 0.5).clamp(0, 1).float()  # (B, 3, F, H, W)
 
 
 def load_wan_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, i2v: bool) -> WanComponents:
-    dt, dev = cfg.dtype, cfg.device
+    dt = cfg.dtype
     folder = index.folder("transformer")
     tcfg = WanConfig.from_dict(read_json(folder / "config.json"))
     comps = WanComponents(
         tokenizer=load_component(index, "tokenizer"),
-        text_encoder=load_component(index, "text_encoder", dt, dev),
-        transformer=load_dit(lambda: WanTransformer(tcfg, attention), folder, dt, dev,
+        text_encoder=load_component(index, "text_encoder", dt, cfg.load_device("text_encoder")),
+        transformer=load_dit(lambda: WanTransformer(tcfg, attention), folder, dt, cfg.load_device("transformer"),
                              keep_fp32=WanTransformer.keeps_fp32, drop_keys=WanTransformer.drop_unused_keys),
         # decoded in fp32 as the reference examples do, unless the engine asks for another precision
-        vae=load_component(index, "vae", cfg.vae_dtype or torch.float32, dev),
+        vae=load_component(index, "vae", cfg.vae_dtype or torch.float32, cfg.load_device("vae")),
         schedule=schedule_from_checkpoint(index),
+        vae_tiling=cfg.vae_tiling,
     )
     if i2v and index.components.get("image_encoder") is not None:
-        comps.image_encoder = load_component(index, "image_encoder", dt, dev)
+        comps.image_encoder = load_component(index, "image_encoder", dt, cfg.load_device("image_encoder"))
         comps.image_processor = load_component(index, "image_processor")
     return comps
 

@@ -16,7 +16,13 @@ import sys
 import threading
 from pathlib import Path
 
-from diffserve.cli_args import MODEL_DEFAULTS_HELP, add_engine_args, check_port_free, lora_options
+from diffserve.cli_args import (
+    MODEL_DEFAULTS_HELP,
+    add_engine_args,
+    check_port_free,
+    lora_options,
+    memory_options,
+)
 from diffserve.errors import UserError
 
 FAULT_INJECTION_ENV = "DIFFSERVE_SERVER_FAULT_INJECTION"
@@ -227,7 +233,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           fuse=args.fuse, vae_dtype=args.vae_dtype, fp8=args.fp8,
                           parallel=parallel_config_from_args(args), fault_injection=faults,
                           fail_load_marker=str(args.output_dir / ".fault-fail-load") if faults else None,
-                          metadata=args.metadata, **_lora_settings(args))  # type: ignore[arg-type]
+                          metadata=args.metadata, **_lora_settings(args),  # type: ignore[arg-type]
+                          **memory_options(args))  # type: ignore[arg-type]
     watchdog = WatchdogConfig(heartbeat_timeout_s=args.worker_heartbeat_timeout,
                               batch_base_s=args.batch_timeout_base, cancel_grace_s=args.cancel_grace)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())

@@ -61,6 +61,12 @@ class WorkerConfig:
     lora_dir_loras: tuple[LoraSpec, ...] = ()
     replay_loras: tuple[LoraSpec, ...] = ()
     metadata: bool = True  # write the generation parameters into the output files (--no-metadata: off)
+    # Memory (`Engine.from_pretrained`'s keywords of the same names; --vae-tiling, --*-cpu-offload, --max-gpu-memory)
+    vae_tiling: bool | None = None
+    text_encoder_cpu_offload: bool = False
+    vae_cpu_offload: bool = False
+    dit_cpu_offload: bool = False
+    max_gpu_memory: float | str | None = None
 
 
 @dataclass(frozen=True)

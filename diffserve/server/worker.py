@@ -283,7 +283,10 @@ def load_engine(cfg: WorkerConfig, events: EventPipe) -> object | None:
                                         attention_backend=cfg.attention_backend, compile=cfg.compile,
                                         fuse=cfg.fuse, vae_dtype=cfg.vae_dtype, fp8=cfg.fp8,
                                         parallel=cfg.parallel,  # type: ignore[arg-type]
-                                        loras=cfg.loras, lora_mode=cfg.lora_mode)
+                                        loras=cfg.loras, lora_mode=cfg.lora_mode, vae_tiling=cfg.vae_tiling,
+                                        text_encoder_cpu_offload=cfg.text_encoder_cpu_offload,
+                                        vae_cpu_offload=cfg.vae_cpu_offload, dit_cpu_offload=cfg.dit_cpu_offload,
+                                        max_gpu_memory=cfg.max_gpu_memory)
         try:
             _load_extra_loras(engine, cfg)
         except BaseException:

@@ -212,6 +212,9 @@ class FluxTransformer(nn.Module):
     `finish(head(blocks(embed(...))))` (the shape `diffserve.parallel.plan` describes)."""
 
     REPEATED_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
+    # Block submodules called outside the blocks' forward (`modulation` runs every block's AdaNorm at once):
+    # block-streaming offload (diffserve.engine.offload) keeps them on the device.
+    STREAM_RESIDENT = ("norm1", "norm1_context", "norm")
 
     # Joint attention runs over [text; image]: both streams are sharded under sequence parallelism (each
     # with its RoPE rows); temb and the modulations are replicated; the image stream's head is gathered.

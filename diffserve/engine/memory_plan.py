@@ -1,0 +1,196 @@
+"""`--max-gpu-memory`: choosing the offloads (`diffserve.engine.offload`) that fit a GPU memory budget.
+
+The model's footprint is read before any weight is: parameter counts from the safetensors headers of each
+component, activation sizes from the model's default request (`Footprint.from_checkpoint`). `choose_plan` is a
+pure function of the footprint and the budget: of every combination of text-encoder offload, VAE offload and
+a share of streamed DiT blocks whose estimated peak fits, the one that moves the fewest bytes per
+generation (streamed blocks move every model call; the encoders and the VAE once per generation).
+
+Peak estimate of a plan, the largest of its three phases (a component offloaded is on the device only in
+its phase):
+    text encoding  resident DiT + text encoders + resident VAE
+    denoising      resident DiT + resident text encoders + resident VAE + the DiT's activations
+    decoding       resident DiT + resident text encoders + VAE + the decode's activations
+where the resident DiT is its non-repeated parameters, the blocks not streamed and two block-sized slots
+when streaming. A plan fits when its peak is at most FIT_SHARE of the budget (room for the allocator's
+fragmentation and the CUDA context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffserve.config import EngineConfig, OffloadConfig
+from diffserve.models.loader import ModelIndex, read_json
+from diffserve.pipelines.stages.vae_tiling import decode_bytes
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+FIT_SHARE = 0.9
+ACTIVATION_FACTOR = 12  # live (tokens, hidden) activations at a block's peak: residual, norm, q/k/v, MLP (4x)
+TILED_DECODE_BYTES = 2 * GIB  # a tiled decode's peak (`--vae-tiling auto` tiles a decode that would not fit)
+SHARES = tuple(k / 20 for k in range(21))  # streamed shares of the DiT's blocks the planner considers
+SLOTS = 2
+
+# diffusers' transformer class -> (repeated block lists, block submodules kept resident when streaming), as
+# our DiTs declare them (REPEATED_BLOCKS, STREAM_RESIDENT).
+DIT_LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "FluxTransformer2DModel": (("transformer_blocks", "single_transformer_blocks"), ("norm1", "norm1_context", "norm")),
+    "WanTransformer3DModel": (("blocks",), ()),
+    "QwenImageTransformer2DModel": (("transformer_blocks",), ()),
+    "HunyuanVideoTransformer3DModel": (("transformer_blocks", "single_transformer_blocks"), ()),
+}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Device bytes of a model's parts at the precision they run in."""
+
+    text_encoders: int  # all text (and image) encoders
+    vae: int
+    dit_other: int  # the DiT's non-repeated parameters (and those kept resident when streaming)
+    dit_blocks: int  # the streamable parameters of all repeated blocks
+    dit_block_max: int  # the largest block's streamable parameters
+    denoise_activations: int
+    decode_activations: int
+    model_calls: int = 1  # DiT calls per generation (steps x CFG branches): how often streamed blocks move
+
+    @classmethod
+    def from_checkpoint(cls, index: ModelIndex, cfg: EngineConfig) -> Footprint:
+        """Read from the repo's headers and config files; no weight is read."""
+        from diffserve.pipelines.registry import defaults_from_configs
+
+        size = torch.finfo(cfg.dtype).bits // 8
+        encoders = sum(folder_numel(index.folder(n)) for n in ("text_encoder", "text_encoder_2", "image_encoder")
+                       if index.components.get(n) is not None) * size
+        vae = folder_numel(index.folder("vae")) * 4  # fp32 at most (Wan decodes in fp32)
+        tfolder = index.folder("transformer")
+        tconf = read_json(tfolder / "config.json")
+        lists, keep = DIT_LAYOUTS.get(tconf.get("_class_name", ""), ((), ()))
+        blocks, other = block_numels(folder_shapes(tfolder), lists, keep)
+        d = defaults_from_configs(index)
+        tokens = (((d.num_frames or 1) - 1) // 4 + 1) * (d.height // 16) * (d.width // 16) + d.max_sequence_length
+        hidden = int(tconf.get("num_attention_heads", 1)) * int(tconf.get("attention_head_dim", 1))
+        frames = d.num_frames or 1
+        decode = min(decode_bytes(256, min(frames, 4), d.height, d.width, torch.float32, output_frames=frames),
+                     TILED_DECODE_BYTES)
+        calls = d.num_inference_steps * (2 if d.guidance in ("cfg", "true_cfg") else 1)
+        return cls(text_encoders=encoders, vae=vae, dit_other=other * size, dit_blocks=sum(blocks.values()) * size,
+                   dit_block_max=max(blocks.values(), default=0) * size,
+                   denoise_activations=tokens * hidden * size * ACTIVATION_FACTOR, decode_activations=decode,
+                   model_calls=calls)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to offload, its estimated peak device bytes and bytes moved per generation."""
+
+    text_encoder: bool
+    vae: bool
+    dit: float  # share of the repeated blocks streamed
+    peak: int
+    moved: int
+    fits: bool = True
+
+    def describe(self) -> str:
+        parts = [name for name, on in (("text encoders", self.text_encoder), ("VAE", self.vae)) if on]
+        if self.dit:
+            parts.append("all DiT blocks streamed" if self.dit >= 1 else f"{self.dit:.0%} of the DiT blocks streamed")
+        return (", ".join(parts) or "nothing offloaded") + f" (estimated peak {self.peak / GIB:.1f} GiB)"
+
+
+def plan_cost(fp: Footprint, text_encoder: bool, vae: bool, dit: float) -> Plan:
+    """The peak (module docstring) and bytes moved per generation of one combination."""
+    streamed = math.ceil(dit * fp.dit_blocks) if dit else 0
+    dit_resident = fp.dit_other + fp.dit_blocks - streamed + (SLOTS * fp.dit_block_max if dit else 0)
+    te_resident = 0 if text_encoder else fp.text_encoders
+    vae_resident = 0 if vae else fp.vae
+    peak = max(dit_resident + fp.text_encoders + vae_resident,
+               dit_resident + te_resident + vae_resident + fp.denoise_activations,
+               dit_resident + te_resident + fp.vae + fp.decode_activations)
+    moved = text_encoder * fp.text_encoders + vae * fp.vae + streamed * fp.model_calls
+    return Plan(text_encoder, vae, dit, peak, moved)
+
+
+def choose_plan(fp: Footprint, budget: int, floor: OffloadConfig | None = None) -> Plan:
+    """The combination that fits FIT_SHARE x `budget` bytes and moves the fewest bytes (ties: the fewest
+    offloads); the offloads in `floor` are always on. When none fits: everything offloaded, `fits` False."""
+    floor = floor or OffloadConfig()
+    candidates = [plan_cost(fp, te, vae, share)
+                  for te in sorted({floor.text_encoder, True}) for vae in sorted({floor.vae, True})
+                  for share in SHARES if share >= floor.dit]
+    fitting = [p for p in candidates if p.peak <= FIT_SHARE * budget]
+    if not fitting:
+        return dataclasses.replace(plan_cost(fp, True, True, 1.0), fits=False)
+    return min(fitting, key=lambda p: (p.moved, p.text_encoder + p.vae + p.dit))
+
+
+def resolve_offload(cfg: EngineConfig, index: ModelIndex) -> EngineConfig:
+    """The engine config with `--max-gpu-memory` turned into offloads (unchanged without it; "auto": the
+    card's total memory; on a CPU "auto" offloads nothing)."""
+    limit = cfg.offload.max_gpu_memory
+    if limit is None or (limit == "auto" and cfg.device.type != "cuda"):
+        return cfg
+    if limit == "auto":
+        budget = torch.cuda.get_device_properties(cfg.device).total_memory
+    else:
+        budget = int(float(limit) * GIB)
+    plan = choose_plan(Footprint.from_checkpoint(index, cfg), budget, cfg.offload)
+    if plan.fits:
+        log.info("--max-gpu-memory %s: %s", limit, plan.describe())
+    else:
+        log.warning("--max-gpu-memory %s: no plan fits the estimate; offloading everything: %s", limit,
+                    plan.describe())
+    off = dataclasses.replace(cfg.offload, text_encoder=plan.text_encoder, vae=plan.vae, dit=plan.dit)
+    return dataclasses.replace(cfg, offload=off)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safetensors headers
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a .safetensors file's header alone."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def folder_shapes(folder: Path) -> dict[str, list[int]]:
+    """Every tensor shape of the .safetensors files of a component folder."""
+    out: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(safetensors_shapes(path))
+    return out
+
+
+def folder_numel(folder: Path) -> int:
+    """Elements of every tensor of a component folder."""
+    return sum(math.prod(shape) for shape in folder_shapes(folder).values())
+
+
+def block_numels(shapes: dict[str, list[int]], lists: tuple[str, ...],
+                 keep: tuple[str, ...]) -> tuple[dict[tuple[str, int], int], int]:
+    """Split a DiT's tensors into its repeated blocks' streamable elements ({(list, index): elements}) and
+    the rest (non-repeated tensors and the block submodules in `keep`)."""
+    blocks: dict[tuple[str, int], int] = {}
+    other = 0
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        n = math.prod(shape)
+        if len(parts) >= 3 and parts[0] in lists and parts[1].isdigit() and parts[2] not in keep:
+            key = (parts[0], int(parts[1]))
+            blocks[key] = blocks.get(key, 0) + n
+        else:
+            other += n
+    return blocks, other
