@@ -135,7 +135,7 @@ def test_quota_then_reindex_after_restart(endpoint: str, bucket: str) -> None:
 
 def test_sweep_lists_page_by_page_and_takes_strays(endpoint: str, bucket: str) -> None:
     store = S3OutputStore(parse_s3_url(f"s3://{bucket}/s"), endpoint_url=endpoint, ttl_s=30, quota_bytes=10**6,
-                          list_page_size=2)
+                          list_page_size=2, list_every_s=0)
     store.open()
     names = [store.image_name("png") for _ in range(4)]
     for name in names:
@@ -149,6 +149,10 @@ def test_sweep_lists_page_by_page_and_takes_strays(endpoint: str, bucket: str) -
     assert len(pages) == 3  # 6 objects, 2 a page
     assert store.sweep(time.time() + 31) == 5
     assert len(store) == 0 and store.total_bytes == 0 and _keys(endpoint, bucket) == ["s/keep.txt"]
+    store.list_every_s = 600  # the default: a listing at most every 10 minutes, the index between
+    store.write("images", names[0], b"again")
+    pages.clear()
+    assert store.sweep(time.time() + 31) == 1 and pages == [] and _keys(endpoint, bucket) == ["s/keep.txt"]
 
 
 def test_start_up_checks_name_the_problem(endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,15 +191,17 @@ def test_start_up_checks_name_the_problem(endpoint: str, bucket: str, monkeypatc
         _check_storage_args(Args())  # type: ignore[arg-type]
 
 
-def test_serve_refuses_a_missing_bucket_before_starting(endpoint: str, capsys: pytest.CaptureFixture,
-                                                        tmp_path: Path) -> None:
-    from diffserve.cli import main
+def test_serve_refuses_a_missing_bucket_before_starting(endpoint: str, tmp_path: Path) -> None:
+    """`diffserve serve` checks the bucket before it starts anything (main() prints the UserError, exit 2)."""
+    from diffserve.cli import build_parser
+    from diffserve.server.cli import cmd_serve
 
-    code = main(["serve", "--model-path", "embedded:image", "--device", "cpu", "--output-dir", str(tmp_path),
-                 "--output-storage", "s3://no-such-bucket/x", "--s3-endpoint-url", endpoint])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == (f"diffserve: error: --output-storage s3://no-such-bucket/x/ at {endpoint}: "
-                                     "bucket 'no-such-bucket' does not exist")
+    args = build_parser().parse_args(["serve", "--model-path", "embedded:image", "--device", "cpu", "--output-dir",
+                                      str(tmp_path), "--port", str(free_port()), "--output-storage", "s3://no-such-bucket/x",
+                                      "--s3-endpoint-url", endpoint])
+    with pytest.raises(UserError) as e:
+        cmd_serve(args)
+    assert str(e.value) == f"--output-storage s3://no-such-bucket/x/ at {endpoint}: bucket 'no-such-bucket' does not exist"
 
 
 def test_url_images_redirect_to_s3_and_a_failed_write_is_a_500(endpoint: str, bucket: str, tmp_path: Path) -> None:
@@ -224,22 +230,35 @@ def test_url_images_redirect_to_s3_and_a_failed_write_is_a_500(endpoint: str, bu
     assert rt.outputs.total_bytes == 2 * len(b"img")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def video_server(endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
-    """The embedded video model with its MP4s in a bucket (the one real server of this module)."""
+    """The embedded video model with its MP4s in a bucket (the one real server of this module), started
+    before the first test so that it loads while the others run; the test using it waits until it is ready."""
     bucket = f"served-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=bucket)  # (module set-up: before aws_env)
     env = {**AWS_ENV, "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
-    server = start_server("embedded:video", tmp_path_factory.mktemp("s3-video"), api_key="k", env=env,
+    server = start_server("embedded:video", tmp_path_factory.mktemp("s3-video"), api_key="k", env=env, wait=False,
                           args=("--device", "cpu", "--log-level", "warning", "--s3-endpoint-url", endpoint,
                                 "--output-storage", f"s3://{bucket}/video"))
-    yield server, bucket
-    assert server.stop() == 0, server.log()[-3000:]
+    try:
+        yield server, bucket
+        ready = _ready(server)
+    finally:
+        code = server.stop()
+    assert code == 0 or not ready, server.log()[-3000:]  # (a run of other tests may stop it while it loads)
+
+
+def _ready(server: ServerProcess) -> bool:
+    try:
+        return server.health()[0] == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_served_video_content_comes_from_s3(video_server: tuple[ServerProcess, str], endpoint: str) -> None:
     server, bucket = video_server
+    server.wait_ready()
     sent: list[httpx.Request] = []  # the SDK's own client settings (it follows redirects), watched
     http = openai.DefaultHttpxClient(event_hooks={"request": [sent.append]})
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0, timeout=60, http_client=http)

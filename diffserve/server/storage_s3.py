@@ -15,8 +15,9 @@ R2, Ceph; path-style addressing is then used). `check` (HeadBucket and a one-key
 server starts, so a missing bucket or refused credentials stop it with one line.
 
 At start-up the prefix is listed (paginated) to index what a previous run left. `sweep` lists the prefix
-and deletes (in batches of 1000) every output object older than the TTL, including any the index does not
-know (a delete that failed earlier); the quota counts the indexed objects' sizes, oldest removed first.
+(at most every 10 minutes; between, it expires what the index holds) and deletes, in batches of 1000, every
+output object older than the TTL, including any the index does not know (a delete that failed earlier); the
+quota counts the indexed objects' sizes, oldest removed first.
 One server per prefix: another server's objects under the same prefix would be expired and counted too.
 """
 
@@ -33,6 +34,7 @@ from diffserve.server.outputs import KINDS, NAMES, Found, Location, OutputStore,
 
 URL_TTL_S = 900.0  # life of a presigned download URL (minted when the client asks for the file)
 DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
+LIST_EVERY_S = 600.0  # a sweep lists the whole prefix at most this often; between, it expires from the index
 
 log = logging.getLogger("diffserve.server")
 
@@ -94,12 +96,14 @@ class S3OutputStore(OutputStore):
 
     def __init__(self, target: S3Target, *, endpoint_url: str | None, ttl_s: float, quota_bytes: int,
                  on_evict: Callable[[str, str], None] | None = None, url_ttl_s: float = URL_TTL_S,
-                 list_page_size: int = 1000, attempts: int = 3) -> None:
+                 list_page_size: int = 1000, attempts: int = 3, list_every_s: float = LIST_EVERY_S) -> None:
         super().__init__(ttl_s=ttl_s, quota_bytes=quota_bytes, on_evict=on_evict)
         self.target = target
         self.endpoint_url = endpoint_url
         self.list_page_size = list_page_size  # keys per ListObjectsV2 page (S3 gives at most 1000)
         self.attempts = attempts  # tries of each request (botocore's standard retries, with backoff)
+        self.list_every_s = list_every_s
+        self._listed_at: float | None = None  # when a sweep last listed the prefix (time.monotonic())
         self.url_ttl_s = max(1, int(min(url_ttl_s, ttl_s)))
         self._client = self._make_client(region=None)
 
@@ -188,7 +192,11 @@ class S3OutputStore(OutputStore):
         return str(self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=self.url_ttl_s))
 
     def sweep(self, now: float | None = None) -> int:
-        """Delete every output object under the prefix older than the TTL (indexed or not); how many."""
+        """Delete every output object under the prefix older than the TTL (indexed or not); how many. Within
+        ``list_every_s`` of the last listing, only the indexed ones (no listing)."""
+        if self._listed_at is not None and time.monotonic() - self._listed_at < self.list_every_s:
+            return super().sweep(now)
+        self._listed_at = time.monotonic()
         cutoff = (time.time() if now is None else now) - self.ttl_s
         expired = [(kind, name) for kind, name, mtime, _ in self._list() if mtime <= cutoff]
         for kind, name in expired + self._expired(cutoff):
