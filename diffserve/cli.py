@@ -22,8 +22,8 @@ from diffserve.errors import InvalidRequestError, UserError
 IMAGE_FORMATS = ("png", "jpeg", "webp")  # kept equal to diffserve.media's lists (imported lazily there)
 VIDEO_FORMATS = ("mp4", "gif", "webp", "frames")
 # GenerationRequest fields a flag (and a --prompt-file JSON line) sets; image_path is loaded into `image`
-REQUEST_FIELDS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
-                  "num_outputs", "num_frames", "fps", "max_sequence_length")
+REQUEST_FIELDS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
+                  "true_cfg_scale", "seed", "num_outputs", "num_frames", "fps", "max_sequence_length")
 PROMPT_FILE_KEYS = (*REQUEST_FIELDS, "image_path")
 
 if TYPE_CHECKING:
@@ -43,12 +43,17 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                               + " (JSONL), which override the flags for that line")
     g.add_argument("--negative-prompt", default=None,
                    help="negative prompt (models with classifier-free guidance; Qwen-Image runs its true CFG only "
-                        "with one: ' ' is enough)")
+                        "with one: ' ' is enough; HunyuanVideo with --true-cfg-scale > 1)")
     g.add_argument("--height", type=int, default=None, help="output height in pixels (multiple of 16 for real models)")
     g.add_argument("--width", type=int, default=None, help="output width in pixels (multiple of 16 for real models)")
     g.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (1-1000)")
-    g.add_argument("--guidance-scale", "--true-cfg-scale", dest="guidance_scale", type=float, default=None,
-                   help="guidance scale (0-100); for Qwen-Image models it is diffusers' true_cfg_scale")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="guidance scale (0-100): CFG for Wan, embedded for FLUX.1-dev and HunyuanVideo, true CFG "
+                        "for Qwen-Image (diffusers' true_cfg_scale)")
+    g.add_argument("--true-cfg-scale", type=float, default=None,
+                   help="true CFG against --negative-prompt (1-100, 1: off), as diffusers' true_cfg_scale: "
+                        "HunyuanVideo runs it on top of its embedded guidance (two passes per step); for Qwen-Image "
+                        "it is the same setting as --guidance-scale; other models refuse it")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the first output (default, or -1: random); output k of the run gets SEED+k "
                         "(a --prompt-file line may set its own; the count goes on from it), and every output's "

@@ -20,8 +20,10 @@ model defaults (what a flag left out becomes; each reference pipeline's own):
   FLUX.1-schnell        1024x1024, 4 steps, no guidance
   Wan2.1 T2V / I2V      832x480, 81 frames at 16 fps, 50 steps, CFG 5.0 (negative prompt: empty if not given);
                         I2V: size from the input image's aspect ratio at 832x480's pixel count
-  HunyuanVideo          1280x720, 129 frames at 24 fps, 50 steps, guidance 6.0 (embedded)
-  Qwen-Image            1024x1024, 50 steps, true CFG 4.0 (runs when a negative prompt is given)
+  HunyuanVideo          1280x720, 129 frames at 24 fps, 50 steps, guidance 6.0 (embedded); true CFG off
+                        (--true-cfg-scale > 1 with --negative-prompt: two passes per step, as diffusers)
+  Qwen-Image            1024x1024, 50 steps, true CFG 4.0 (runs when a negative prompt is given; --guidance-scale
+                        and --true-cfg-scale both set it)
   Qwen-Image-Edit       an input image required (--image-path, or the upload); size: the input's aspect
                         ratio at about 1024x1024 pixels; 50 steps, true CFG 4.0 (with a negative prompt)"""
 """The `--help` epilog of generate and serve: each family's defaults (a request field left out gets them)."""

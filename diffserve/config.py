@@ -30,6 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
 MAX_PROMPT_CHARS = 20_000
 MAX_STEPS = 1000
 MAX_OUTPUTS = 16
+MAX_GUIDANCE = 100.0
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -173,6 +174,10 @@ class ModelDefaults:
     # prompt), "true_cfg" (Qwen-Image's norm-rescaled CFG, run only when a negative prompt is given),
     # "embedded" (a model input, e.g. FLUX.1-dev) or "none"; None: not declared.
     guidance: str | None = None
+    # Models that take a `true_cfg_scale` of their own, true CFG against the negative prompt on top of their
+    # embedded guidance (HunyuanVideo): its default (1.0: off). None: no such field (Qwen-Image takes
+    # true_cfg_scale as another name of its guidance_scale; other models refuse it).
+    true_cfg_scale: float | None = None
 
 
 @dataclass
@@ -185,6 +190,9 @@ class GenerationRequest:
     width: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    # True CFG against the negative prompt, a scale of its own beside an embedded guidance_scale (HunyuanVideo:
+    # diffusers' true_cfg_scale, 1-100, runs above 1 with a negative prompt); Qwen-Image: its guidance_scale.
+    true_cfg_scale: float | None = None
     seed: int | None = None
     num_outputs: int = 1
     num_frames: int | None = None
@@ -245,6 +253,39 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
+def _scale(name: str, value: object, low: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= MAX_GUIDANCE:
+        off = " (off)" if low == 1.0 else ""
+        raise InvalidRequestError(f"{name}={value!r} is not accepted: it must be a number between {low:g}{off} and "
+                                  f"{MAX_GUIDANCE:g}", param=name)
+    return float(value)
+
+
+def guidance_scales(req: GenerationRequest, defaults: ModelDefaults) -> tuple[float, float | None]:
+    """(guidance_scale, true_cfg_scale) of a request, defaults filled. `true_cfg_scale` is a field of its own
+    for models with true CFG on top of embedded guidance (`defaults.true_cfg_scale` set: HunyuanVideo); for
+    Qwen-Image (guidance "true_cfg") it is another name of guidance_scale (both given: they must agree) and
+    comes back as None; any other model refuses it."""
+    guidance, true_cfg = req.guidance_scale, req.true_cfg_scale
+    if true_cfg is not None:
+        true_cfg = _scale("true_cfg_scale", true_cfg, 1.0)
+        if defaults.guidance == "true_cfg":
+            if guidance is not None and guidance != true_cfg:
+                raise InvalidRequestError(
+                    f"guidance_scale={guidance!r} and true_cfg_scale={true_cfg!r}: for this model both name its true "
+                    f"CFG scale; give one of them", param="true_cfg_scale")
+            guidance, true_cfg = true_cfg, None
+        elif defaults.true_cfg_scale is None:
+            raise InvalidRequestError(
+                "true_cfg_scale is not accepted by this model: it is taken by HunyuanVideo (true CFG against the "
+                "negative prompt, on top of its embedded guidance) and Qwen-Image (the same as its guidance_scale); "
+                "use guidance_scale", param="true_cfg_scale")
+    elif defaults.true_cfg_scale is not None:
+        true_cfg = defaults.true_cfg_scale
+    guidance = _scale("guidance_scale", guidance if guidance is not None else defaults.guidance_scale, 0.0)
+    return guidance, true_cfg
+
+
 def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) -> GenerationRequest:
     """Fill defaults and validate; raises InvalidRequestError naming the field and the accepted range."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
@@ -279,12 +320,7 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
         raise InvalidRequestError(
             f"num_inference_steps={steps} is not accepted: this few-step distilled model runs its "
             f"{defaults.fixed_steps}-step schedule; use {defaults.fixed_steps}", param="num_inference_steps")
-    guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 100.0:
-        raise InvalidRequestError(
-            f"guidance_scale={guidance!r} is not accepted: it must be a number between 0 and 100",
-            param="guidance_scale",
-        )
+    guidance, true_cfg = guidance_scales(req, defaults)
     n = _check_int("num_outputs", req.num_outputs)
     if not 1 <= n <= MAX_OUTPUTS:
         raise InvalidRequestError(f"num_outputs={n} is not accepted: it must be between 1 and {MAX_OUTPUTS}",
@@ -325,7 +361,7 @@ def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) 
         most = "one input image" if defaults.max_images == 1 else f"1 to {defaults.max_images} input images"
         raise InvalidRequestError(f"this model takes {most}; got {len(req.images)}", param="image")
     return req.replace(
-        height=height, width=width, num_inference_steps=steps, guidance_scale=float(guidance),
+        height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg,
         num_outputs=n, seed=seed_v, num_frames=frames, fps=fps, max_sequence_length=msl,
         lora=LoraSet.parse(req.lora) if req.lora is not None else None,
     )

@@ -210,13 +210,15 @@ def to_video_frames(pixels: torch.Tensor) -> list[np.ndarray]:
 
 def generation_metadata(request: GenerationRequest, model: str | None = None) -> dict[str, str]:
     """What an output records of the (resolved) request that made it, as strings: prompt, negative_prompt
-    (when given), seed, steps, guidance_scale, size (WxH), model (when known), frames and fps (videos), and
-    the software. Written by `encode_image` / `encode_video` / `write_*` when passed as `metadata`."""
+    (when given), seed, steps, guidance_scale, true_cfg_scale (models that have one), size (WxH), model (when
+    known), frames and fps (videos), and the software. Written by `encode_image` / `encode_video` /
+    `write_*` when passed as `metadata`."""
     r = request
     out = {"prompt": r.prompt}
     if r.negative_prompt is not None:
         out["negative_prompt"] = r.negative_prompt
     fields = {"seed": r.seed, "steps": r.num_inference_steps, "guidance_scale": r.guidance_scale,
+              "true_cfg_scale": r.true_cfg_scale,
               "size": f"{r.width}x{r.height}" if r.width is not None and r.height is not None else None,
               "model": model, "frames": r.num_frames, "fps": r.fps}
     out.update({k: str(v) for k, v in fields.items() if v is not None})

@@ -42,6 +42,10 @@ def accepted_ranges(d: ModelDefaults) -> dict[str, Any]:
                   "max_images": d.max_images if (d.accepts_image or d.needs_image) else 0,
                   "size_from_image_area": d.size_from_image_area},
     }
+    if d.true_cfg_scale is not None:  # a scale of its own, on top of embedded guidance (HunyuanVideo)
+        out["true_cfg_scale"] = {"min": 1.0, "max": 100.0, "meaning": "true CFG against the negative prompt"}
+    elif d.guidance == "true_cfg":  # Qwen-Image: diffusers' name of its guidance_scale
+        out["true_cfg_scale"] = {"min": 1.0, "max": 100.0, "meaning": "same as guidance_scale"}
     if d.kind == "video":
         out["num_frames"] = {"min": d.min_frames, "max": d.max_frames, "rule": "4k+1"}
         out["fps"] = {"min": 1, "max": 120}
@@ -123,6 +127,8 @@ def describe(card: dict[str, Any]) -> list[str]:
     d, a = card["defaults"], card["accepts"]
     video = card["kind"] == "video"
     guidance = f"guidance {d['guidance_scale']:g}" + (f" ({d['guidance']})" if d.get("guidance") else "")
+    if d.get("true_cfg_scale") is not None:
+        guidance += f", true CFG {d['true_cfg_scale']:g}" + (" (off)" if d["true_cfg_scale"] <= 1 else "")
     size = f"{d['width']}x{d['height']}"
     if a["image"]["size_from_image_area"]:
         size += f" (with an input image: its aspect ratio at ~{a['image']['size_from_image_area']} pixels)"
@@ -136,6 +142,8 @@ def describe(card: dict[str, Any]) -> list[str]:
                   if image["required"] else "input image optional" if image["accepted"] else "no input image")
     parts = [f"width/height multiple of {s['multiple']} in {s['min']}-{s['max']}", steps_text,
              "guidance 0-100", f"text tokens 1-{a['max_sequence_length']['max']}"]
+    if d.get("true_cfg_scale") is not None:
+        parts.append("true_cfg_scale 1-100 (with a negative prompt)")
     if video:
         f = a["num_frames"]
         parts.append(f"frames 4k+1 in {f['min']}-{f['max']}, fps 1-120")

@@ -386,3 +386,27 @@ def test_bench_engine_names_take_fp8() -> None:
     assert parse_engine("diffserve+compile[sage]").fp8 == "off"
     with pytest.raises(SystemExit):
         parse_engine("diffusers+fp8")
+
+
+@pytest.mark.parametrize("fixture", ["qwen-image", "hunyuan-video"])
+def test_modulation_layers_of_qwen_and_hunyuan_stay(fixture: str) -> None:
+    """The rule keeps Qwen-Image's img_mod/txt_mod and HunyuanVideo's AdaNorm linears out (meta-device build)."""
+    import dataclasses
+
+    from diffserve.models.dits.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer
+    from diffserve.models.dits.qwen_image import QwenImageConfig, QwenImageTransformer
+    from diffserve.testing.fixtures import component_plan
+
+    cfg_cls, model_cls = ((QwenImageConfig, QwenImageTransformer) if fixture == "qwen-image"
+                          else (HunyuanVideoConfig, HunyuanVideoTransformer))
+    raw = next(c for c in component_plan(fixture, "tiny") if c.name == "transformer").config
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    with torch.device("meta"):
+        model = model_cls(cfg_cls(**{k: v for k, v in raw.items() if k in fields}))
+    picked = {n.split(".", 2)[2] for n in fp8_targets(model, min_align=8)}
+    linears = {n.split(".", 2)[2] for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.split(".")[0] in type(model).REPEATED_BLOCKS}
+    kept = {"img_mod.1", "txt_mod.1"} if fixture == "qwen-image" else {"norm.linear", "norm1.linear",
+                                                                        "norm1_context.linear"}
+    assert linears - picked == kept
+    assert {"attn.to_q", "attn.to_out.0"} <= picked

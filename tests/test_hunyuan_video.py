@@ -19,8 +19,10 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 import diffserve.testing
 from diffserve import Engine, GenerationRequest
 from diffserve.cli import main
+from diffserve.config import ModelDefaults, guidance_scales
 from diffserve.errors import InvalidRequestError
 from diffserve.layers.attention import AttentionOp
+from diffserve.media import read_metadata
 from diffserve.models.dits.hunyuan_video import (
     HunyuanVideoConfig,
     HunyuanVideoTransformer,
@@ -36,6 +38,7 @@ from diffserve.testing.fixtures import fixture_path
 
 PROMPTS = ("a red fox trotting through a snowy pine forest at golden hour", "a cat")
 PARAMS = dict(height=32, width=32, num_frames=5, num_inference_steps=3, guidance_scale=6.0, max_sequence_length=24)
+NEGATIVES = ("blurry, low quality, static frames", "")  # the empty one still runs true CFG, as in the reference
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -228,18 +231,74 @@ def test_video_matches_diffusers(repo: Path) -> None:
     assert diff <= 1 / 255
 
 
+def test_true_cfg_video_matches_diffusers(repo: Path) -> None:
+    """True CFG (a negative prompt per request, true_cfg_scale 4) on top of the embedded guidance 6.0: two
+    transformer passes per step, against diffusers' true_cfg_scale; the two prompts' negatives differ in
+    length (one empty), so the uncond branch keeps its own mask."""
+    ref = HunyuanVideoPipeline.from_pretrained(repo)
+    ref.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    expected = ref(prompt=list(PROMPTS), negative_prompt=list(NEGATIVES), true_cfg_scale=4.0, generator=gens,
+                   output_type="np", **PARAMS).frames
+    plain = ref(prompt=list(PROMPTS), generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+                output_type="np", **PARAMS).frames
+    engine = Engine.from_pretrained(str(repo), dtype="fp32", device="cpu")
+    reqs = [GenerationRequest(prompt=p, negative_prompt=n, seed=s, true_cfg_scale=4.0, **PARAMS)
+            for p, n, s in zip(PROMPTS, NEGATIVES, (3, 4), strict=True)]
+    state = PipelineState(requests=reqs, device=torch.device("cpu"), dtype=torch.float32)
+    engine.pipeline(state)
+    assert state.uncond is not None and "text_mask" in state.uncond
+    got = state.pixels.permute(0, 2, 3, 4, 1).numpy()  # (B, F, H, W, 3)
+    diff = float(np.abs(got - expected).max())
+    print(f"HunyuanVideo true CFG max pixel difference: {diff:.3e} (x255 = {diff * 255:.4f})")
+    assert got.shape == expected.shape == (2, 5, 32, 32, 3)
+    assert float(np.abs(expected - plain).mean()) > 0.01  # true CFG changes the video
+    assert diff <= 1 / 255
+
+
+def test_true_cfg_scale_per_family() -> None:
+    """HunyuanVideo takes true_cfg_scale as a field of its own; Qwen-Image as its guidance_scale; the others
+    refuse it by name; the range is 1-100."""
+    hunyuan = ModelDefaults(kind="video", height=32, width=32, num_inference_steps=2, guidance_scale=6.0,
+                            guidance="embedded", true_cfg_scale=1.0)
+    qwen = ModelDefaults(kind="image", height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
+                         guidance="true_cfg")
+    wan = ModelDefaults(kind="video", height=32, width=32, num_inference_steps=2, guidance_scale=5.0, guidance="cfg")
+    assert guidance_scales(GenerationRequest(prompt="x"), hunyuan) == (6.0, 1.0)
+    assert guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=5, guidance_scale=3.0), hunyuan) == (3.0, 5.0)
+    assert guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=2.5), qwen) == (2.5, None)
+    assert guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=2.5, guidance_scale=2.5), qwen) == (2.5, None)
+    assert guidance_scales(GenerationRequest(prompt="x"), wan) == (5.0, None)
+    with pytest.raises(InvalidRequestError, match="both name its true CFG scale") as e:
+        guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=2.5, guidance_scale=3.0), qwen)
+    assert e.value.param == "true_cfg_scale"
+    with pytest.raises(InvalidRequestError, match="taken by HunyuanVideo .* and Qwen-Image"):
+        guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=2.0), wan)
+    for bad in (0.5, 101, "4", True):
+        with pytest.raises(InvalidRequestError, match="between 1 \\(off\\) and 100"):
+            guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=bad), hunyuan)  # type: ignore[arg-type]
+
+
 def test_defaults_and_validation(repo: Path) -> None:
     engine = Engine.from_pretrained(str(repo), dtype="fp32", device="cpu")
     d = engine.defaults
     assert (d.kind, d.height, d.width, d.num_frames, d.fps) == ("video", 720, 1280, 129, 24)
     assert (d.num_inference_steps, d.guidance_scale, d.max_sequence_length, d.size_multiple) == (50, 6.0, 256, 16)
-    assert (d.guidance, d.uses_negative_prompt) == ("embedded", False)
+    assert (d.guidance, d.uses_negative_prompt, d.true_cfg_scale) == ("embedded", True, 1.0)
     for frames in (8, 0, 1000):
         with pytest.raises(InvalidRequestError, match="4k\\+1"):
             engine.validate(GenerationRequest(prompt="x", num_frames=frames))
-    with pytest.raises(InvalidRequestError, match="negative prompt"):
+    with pytest.raises(InvalidRequestError, match="negative prompt only for true CFG") as e:
         engine.validate(GenerationRequest(prompt="x", negative_prompt="blurry"))
+    assert e.value.param == "negative_prompt"
+    with pytest.raises(InvalidRequestError, match="needs a negative_prompt") as e:
+        engine.validate(GenerationRequest(prompt="x", true_cfg_scale=3.0))
+    assert e.value.param == "true_cfg_scale"
     assert engine.validate(GenerationRequest(prompt="x", num_frames=33)).num_frames == 33
+    resolved = engine.validate(GenerationRequest(prompt="x", negative_prompt="", true_cfg_scale=3))
+    assert (resolved.true_cfg_scale, resolved.guidance_scale, resolved.negative_prompt) == (3.0, 6.0, "")
+    with pytest.raises(InvalidRequestError, match="share"):  # true CFG and plain requests are not batched together
+        engine.pipeline.validate([GenerationRequest(prompt="x"), resolved])
 
 
 def test_vae_tiling_choice(repo: Path) -> None:
@@ -254,9 +313,12 @@ def test_vae_tiling_choice(repo: Path) -> None:
 def test_cli_writes_mp4_at_model_fps(repo: Path, tmp_path: Path) -> None:
     args = ["generate", "--model-path", str(repo), "--prompt", PROMPTS[0], "--height", "32", "--width", "48",
             "--num-frames", "5", "--num-inference-steps", "2", "--seed", "1", "--dtype", "fp32",
-            "--output-dir", str(tmp_path), "--output-format", "mp4"]
+            "--output-dir", str(tmp_path), "--output-format", "mp4", "--negative-prompt", "blurry",
+            "--true-cfg-scale", "3.5"]
     assert main(args) == 0
     (written,) = list(tmp_path.iterdir())
+    meta = read_metadata(written)
+    assert (meta["negative_prompt"], meta["true_cfg_scale"], meta["guidance_scale"]) == ("blurry", "3.5", "6.0")
     with av.open(str(written)) as container:
         stream = container.streams.video[0]
         frames = list(container.decode(stream))

@@ -166,6 +166,7 @@ INVALID = [
     ({"num_inference_steps": 5000}, "num_inference_steps"),
     ({"num_inference_steps": 2.5}, "num_inference_steps"),
     ({"guidance_scale": -1}, "guidance_scale"),
+    ({"true_cfg_scale": 2.0}, "true_cfg_scale"),  # the served model has no true CFG
     ({"seed": -3}, "seed"),
     ({"prompt": LONG_PROMPT}, "prompt"),
     ({"prompt": ""}, "prompt"),

@@ -117,7 +117,8 @@ class GenerateAPI:
     @overload
     def generate(self, prompt: str, *, negative_prompt: str | None = ..., height: int | None = ...,
                  width: int | None = ..., num_inference_steps: int | None = ..., guidance_scale: float | None = ...,
-                 seed: int | None = ..., num_outputs: int = ..., num_frames: int | None = ..., fps: int | None = ...,
+                 true_cfg_scale: float | None = ..., seed: int | None = ..., num_outputs: int = ...,
+                 num_frames: int | None = ..., fps: int | None = ...,
                  image: object | None = ..., max_sequence_length: int | None = ..., lora: object | None = ...,
                  cache_threshold: float | None = ..., progress: bool = ...,
                  on_step: StepCallback | None = ..., should_stop: StopCheck | None = ...) -> GenerationResult: ...
@@ -125,7 +126,8 @@ class GenerateAPI:
     @overload
     def generate(self, prompt: Sequence[str], *, negative_prompt: str | None = ..., height: int | None = ...,
                  width: int | None = ..., num_inference_steps: int | None = ..., guidance_scale: float | None = ...,
-                 seed: int | None = ..., num_outputs: int = ..., num_frames: int | None = ..., fps: int | None = ...,
+                 true_cfg_scale: float | None = ..., seed: int | None = ..., num_outputs: int = ...,
+                 num_frames: int | None = ..., fps: int | None = ...,
                  image: object | None = ..., max_sequence_length: int | None = ..., lora: object | None = ...,
                  cache_threshold: float | None = ..., progress: bool = ...,
                  on_step: StepCallback | None = ...,
@@ -133,7 +135,8 @@ class GenerateAPI:
 
     def generate(self, prompt: str | Sequence[str], *, negative_prompt: str | None = None, height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int | None = None, num_outputs: int = 1,
+                 guidance_scale: float | None = None, true_cfg_scale: float | None = None,
+                 seed: int | None = None, num_outputs: int = 1,
                  num_frames: int | None = None, fps: int | None = None,
                  image: Image.Image | str | os.PathLike[str] | Sequence[Image.Image | str] | None = None,
                  max_sequence_length: int | None = None, lora: object | None = None,
@@ -147,6 +150,9 @@ class GenerateAPI:
         height, width: output size in pixels (a multiple of `defaults.size_multiple`); image-conditioned
             models whose size follows the input image fill what is left out from its aspect ratio.
         num_inference_steps, guidance_scale: denoising steps (1-1000) and guidance (0-100).
+        true_cfg_scale: true CFG against negative_prompt (1-100, 1: off), diffusers' name. HunyuanVideo: a
+            scale of its own on top of its embedded guidance_scale (two transformer passes per step when > 1,
+            with a negative prompt); Qwen-Image: another name of its guidance_scale; other models refuse it.
         seed: the random seed (None or -1: random; the one used is `result.seed`). With a list of prompts,
             prompt i gets seed + i.
         num_outputs: outputs per prompt (1-16), drawn from the one seed as diffusers' num_images_per_prompt.
@@ -169,7 +175,8 @@ class GenerateAPI:
         loaded = images if images is not None else (_as_image(image) if image is not None else None)
         base = GenerationRequest(
             prompt="", negative_prompt=negative_prompt, height=height, width=width,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            true_cfg_scale=true_cfg_scale, seed=seed,
             num_outputs=num_outputs, num_frames=num_frames, fps=fps, image=loaded,
             max_sequence_length=max_sequence_length, lora=lora, cache_threshold=cache_threshold)
         step_seed = seed is not None and seed != -1 and len(prompts) > 1

@@ -162,7 +162,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features) in `out_dtype`."""
         lead = x.shape[:-1]
-        x8, xs = quantize(x.reshape(-1, self.in_features), self.granularity)
+        x8, xs = quantize(x.reshape(-1, self.in_features).contiguous(), self.granularity)  # row-major for the GEMM
         out = scaled_matmul(x8, xs, self.weight, self.weight_scale, self.bias, self.out_dtype, self.fast_accum)
         out = out.reshape(*lead, self.out_features)
         if self.activation is not None:
@@ -235,8 +235,9 @@ def quantize_fp8(model: nn.Module, granularity: Granularity = "row", fast_accum:
                  min_align: int = 16) -> int:
     """Replace the blocks' big linear layers (`fp8_targets`) by `Fp8Linear`s, in place; returns how many.
     Run it after `fuse_kernels` and LoRA merging, before `compile_blocks`."""
-    count = 0
-    for _, layer, parent, attr in list(_block_targets(model, min_align)):
+    places = [(parent, attr) for _, _, parent, attr in _block_targets(model, min_align)]
+    for parent, attr in places:  # one layer at a time: its bf16 weight is freed as its FP8 copy goes in
+        layer = getattr(parent, attr)
         if isinstance(layer, ConcatLinear):
             q = Fp8ConcatLinear(*_widths(layer), bias=layer.bias is not None, granularity=granularity,
                                 out_dtype=layer.weight.dtype, fast_accum=fast_accum, device=layer.weight.device)
@@ -251,8 +252,8 @@ def quantize_fp8(model: nn.Module, granularity: Granularity = "row", fast_accum:
                 act = "gelu_tanh" if layer.approximate == "tanh" else "gelu"
             q = Fp8Linear.from_linear(layer, granularity, act, fast_accum)
         setattr(parent, attr, q)
-        count += 1
-    return count
+        del layer
+    return len(places)
 
 
 # ----------------------------------------------------------------------------------------------------------

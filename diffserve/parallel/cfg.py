@@ -42,6 +42,6 @@ def install_cfg_parallel(pipeline: ComposedPipeline, group: CommGroup, uses_cfg:
     if not uses_cfg or not stages:
         raise ParallelConfigError(
             f"--enable-cfg-parallel: {pipeline.name} has no classifier-free guidance branch to split (it applies "
-            f"to models with a negative prompt, e.g. Wan)", param="cfg_parallel")
+            f"to models with a negative prompt: Wan, Qwen-Image, HunyuanVideo with true CFG)", param="cfg_parallel")
     for stage in stages:
         stage.branches = CfgParallel(group)

@@ -100,7 +100,7 @@ class PipelineStage:
 
 
 # Fields that must agree for requests to be denoised together in one batch.
-BATCH_KEY_FIELDS = ("height", "width", "num_inference_steps", "guidance_scale", "num_frames",
+BATCH_KEY_FIELDS = ("height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "num_frames",
                     "max_sequence_length")
 
 

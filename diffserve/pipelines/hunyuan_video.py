@@ -7,6 +7,12 @@ linspace(1, 0, n+1)[:-1] with the checkpoint's static shift (7.0) -> our transfo
 scale embedded (guidance x 1000, one branch) -> latents / scaling_factor -> the causal 3-D VAE
 (tiled where the untiled decode would not fit).
 
+True CFG (diffusers' `true_cfg_scale`, off by default): with a negative prompt and `true_cfg_scale` > 1 the
+negative prompt is encoded like the prompt and the transformer runs a second branch on it, with the same
+embedded guidance; the two are combined as uncond + true_cfg_scale * (cond - uncond)
+(`TrueCfgOverEmbedded`), so `--enable-cfg-parallel` can split them. Requests that give one of the two
+without the other are refused rather than silently run without true CFG.
+
 Text padding: the reference runs the DiT on all 256 text positions with a key mask. Masked keys receive
 exactly zero attention weight, so the positions after the batch's longest real prompt cannot change any
 real token's output; `trim_text_padding` drops them before the DiT (a batch of one then has no padding
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffserve.config import EngineConfig, ModelDefaults
+from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults
 from diffserve.errors import InvalidRequestError
 from diffserve.layers.attention import AttentionOp
 from diffserve.models.dits.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer
@@ -37,7 +43,7 @@ from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise, video_latent_shape
 from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output
 from diffserve.schedulers.flow_match import FlowMatchConfig, FlowMatchEulerSampler
-from diffserve.schedulers.guidance import EmbeddedGuidance
+from diffserve.schedulers.guidance import TrueCfgOverEmbedded
 
 PROMPT_TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
@@ -105,26 +111,37 @@ def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.T
     return embeds[:, :keep], (None if fewest == keep else real[:, :keep])
 
 
+def uses_true_cfg(request: GenerationRequest) -> bool:
+    """Whether a (validated) request runs true CFG: a negative prompt and true_cfg_scale > 1, as diffusers."""
+    return request.negative_prompt is not None and (request.true_cfg_scale or 1.0) > 1.0
+
+
 class HunyuanTextEncodingStage(PipelineStage):
-    """cond: "text" (B, T', text_dim) LLaMA states with trailing padding trimmed, "text_mask" (B, T') bool
-    (absent when every position is real), "pooled" (B, 768) CLIP vector; all in the transformer dtype."""
+    """cond (and uncond, the negative prompts, for true CFG): "text" (B, T', text_dim) LLaMA states with
+    trailing padding trimmed, "text_mask" (B, T') bool (absent when every position is real), "pooled"
+    (B, 768) CLIP vector; all in the transformer dtype."""
 
     name = "text_encoding"
 
     def __init__(self, c: HunyuanVideoComponents) -> None:
         self.c = c
 
-    def run(self, state: PipelineState) -> None:
+    def _encode(self, state: PipelineState, prompts: list[str]) -> Cond:
         c, counts = self.c, [r.num_outputs for r in state.requests]
-        prompts = [r.prompt for r in state.requests]
         dt = c.transformer.proj_out.weight.dtype
         embeds, mask = llama_prompt_embeds(c.tokenizer, c.text_encoder, prompts, state.request.max_sequence_length,
                                            state.device)
         text, text_mask = trim_text_padding(repeat_per_output(embeds.to(dt), counts), repeat_per_output(mask, counts))
         pooled = clip_pooled(c.tokenizer_2, c.text_encoder_2, prompts, state.device)
-        state.cond = {"text": text, "pooled": repeat_per_output(pooled.to(dt), counts)}
+        cond = {"text": text, "pooled": repeat_per_output(pooled.to(dt), counts)}
         if text_mask is not None:
-            state.cond["text_mask"] = text_mask
+            cond["text_mask"] = text_mask
+        return cond
+
+    def run(self, state: PipelineState) -> None:
+        state.cond = self._encode(state, [r.prompt for r in state.requests])
+        if uses_true_cfg(state.request):
+            state.uncond = self._encode(state, [r.negative_prompt or "" for r in state.requests])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,9 +177,10 @@ class HunyuanTimestepStage(PipelineStage):
 
 
 class HunyuanPredictor:
-    """The model call for the shared denoising stage: one branch with the guidance scale embedded
-    (guidance_scale x 1000 in the transformer dtype, as the reference makes it). The latents enter in the
-    transformer dtype and the timestep in the latents' dtype, as in the reference loop."""
+    """The model call for the shared denoising stage: one branch's conditioning with the guidance scale
+    embedded (guidance_scale x 1000 in the transformer dtype, as the reference makes it; the same for the
+    true-CFG branch). The latents enter in the transformer dtype and the timestep in the latents' dtype, as
+    in the reference loop."""
 
     def __init__(self, c: HunyuanVideoComponents) -> None:
         self.c = c
@@ -227,11 +245,13 @@ class HunyuanDecodingStage(PipelineStage):
 
 
 def hunyuan_video_defaults(scale_spatial: int, patch_size: int) -> ModelDefaults:
-    """Reference defaults: 720x1280, 129 frames, 50 steps, embedded guidance 6.0, 24 fps, 256 text tokens."""
+    """Reference defaults: 720x1280, 129 frames, 50 steps, embedded guidance 6.0, 24 fps, 256 text tokens;
+    true CFG off (true_cfg_scale 1.0; it takes a negative prompt)."""
     return ModelDefaults(
         kind="video", height=720, width=1280, num_frames=129, fps=24, num_inference_steps=50, guidance_scale=6.0,
         size_multiple=scale_spatial * patch_size, min_size=scale_spatial * 2, max_size=2048,
         max_sequence_length=TEXT_TOKENS, min_frames=1, max_frames=257, guidance="embedded",
+        uses_negative_prompt=True, true_cfg_scale=1.0,
     )
 
 
@@ -245,13 +265,20 @@ def hunyuan_video_defaults_from_configs(index: ModelIndex) -> ModelDefaults:
 
 
 class HunyuanInputStage(InputValidationStage):
-    """Validation plus HunyuanVideo's rule: the guidance is embedded, so there is no negative prompt."""
+    """Validation plus HunyuanVideo's rule: a negative prompt and true_cfg_scale > 1 come together (true CFG);
+    one without the other would be ignored by the reference, so it is refused."""
 
     def run(self, state: PipelineState) -> None:
         super().run(state)
-        if any(r.negative_prompt for r in state.requests):
-            raise InvalidRequestError("HunyuanVideo does not use a negative prompt (its guidance scale is embedded "
-                                      "in the model); leave negative_prompt out", param="negative_prompt")
+        for r in state.requests:
+            if r.negative_prompt is not None and not uses_true_cfg(r):
+                raise InvalidRequestError(
+                    "HunyuanVideo uses a negative prompt only for true CFG: give true_cfg_scale > 1 with it (its "
+                    "guidance_scale is embedded in the model), or leave negative_prompt out", param="negative_prompt")
+            if r.negative_prompt is None and (r.true_cfg_scale or 1.0) > 1.0:
+                raise InvalidRequestError(
+                    f"true_cfg_scale={r.true_cfg_scale:g} needs a negative_prompt to guide against (an empty string "
+                    f"is accepted); or leave true_cfg_scale out", param="true_cfg_scale")
 
 
 def hunyuan_video_input_stage(index: ModelIndex) -> HunyuanInputStage:
@@ -282,6 +309,6 @@ def build_hunyuan_video_pipeline(index: ModelIndex, cfg: EngineConfig, attention
     c = load_hunyuan_video_components(index, cfg, attention)
     stages: list[PipelineStage] = [
         validation, HunyuanTextEncodingStage(c), HunyuanLatentStage(c), HunyuanTimestepStage(c),
-        DenoisingStage(HunyuanPredictor(c), EmbeddedGuidance()), HunyuanDecodingStage(c),
+        DenoisingStage(HunyuanPredictor(c), TrueCfgOverEmbedded()), HunyuanDecodingStage(c),
     ]
     return ComposedPipeline("HunyuanVideoPipeline", stages, validation.defaults, components=c)

@@ -17,7 +17,8 @@ announced in the prompt as "Picture i:" with its own placeholder and seen by the
 384x384 pixels, and each is appended as VAE tokens at about 1024x1024 (its own RoPE frame index); the
 output size follows the last image.
 
-Request fields: `guidance_scale` is the reference's `true_cfg_scale` (default 4.0); as in the reference,
+Request fields: `guidance_scale` is the reference's `true_cfg_scale` (default 4.0; a request may also give it
+as `true_cfg_scale`, `diffserve.config.guidance_scales`); as in the reference,
 guidance runs only when the request has a negative prompt (" " is enough) and the scale is above 1.
 `max_sequence_length` (default 512) truncates the text-to-image conditioning; editing never truncates
 (as the reference: its conditioning holds the image tokens).

@@ -6,8 +6,9 @@ where every value is text, are validated in lax mode instead). Unknown fields ar
 OpenAI fields that mean nothing for a diffusion model, which are accepted and ignored (listed per body).
 
 Extensions accepted in the same body as OpenAI's fields (all optional; the model's default when left out):
-``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``seed``; videos also ``num_frames``
-(4k+1, overrides ``seconds``) and ``fps``.
+``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale`` (HunyuanVideo's true CFG;
+Qwen-Image's guidance_scale under diffusers' name; other models answer 400), ``seed``; videos also
+``num_frames`` (4k+1, overrides ``seconds``) and ``fps``.
 ``lora`` (every body): the LoRA adapters to run with (`LORA_FIELD_HELP`).
 """
 
@@ -178,6 +179,7 @@ class SamplingExtensions(_Body):
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    true_cfg_scale: float | None = None  # diffusers' name; per model, `diffserve.config.guidance_scales`
     seed: int | None = None
     lora: str | list[str | LoraEntry] | None = Field(default=None, description=LORA_FIELD_HELP)
 
@@ -221,16 +223,6 @@ class ImageGenerationBody(SamplingExtensions):
     moderation: str | None = None
     background: Literal["auto", "opaque"] | None = None
     stream: bool | None = None  # true is refused: no streaming
-    true_cfg_scale: float | None = None  # diffusers' name of Qwen-Image's guidance scale: same as guidance_scale
-
-    def guidance(self) -> float | None:
-        """`guidance_scale`, or its alias `true_cfg_scale` (a 400 when both are given and differ)."""
-        if self.true_cfg_scale is None:
-            return self.guidance_scale
-        if self.guidance_scale is not None and self.guidance_scale != self.true_cfg_scale:
-            raise APIError(400, "guidance_scale and true_cfg_scale name the same setting; give one of them",
-                           param="true_cfg_scale")
-        return self.true_cfg_scale
 
 
 class ImageReference(_Body):

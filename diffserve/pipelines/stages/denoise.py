@@ -3,7 +3,8 @@
     predict = predictor.prepare(state)                      # once per generation
     for each step i of state.sampler:
         v_cond[, v_uncond] = branches(predict at (x, i, t), state.cond[, state.uncond])
-        v = guidance.combine(v_cond, v_uncond, scale)       # or v_cond alone without an uncond branch
+        v = guidance.combine(v_cond, v_uncond, scale)       # or v_cond alone without an uncond branch;
+                                                            # scale = guidance.scale(request)
         x = sampler.step(v, i, x)
 
 What is model-specific comes from the recipe: the `Predictor` (its model call, in the recipe's own file),
@@ -92,7 +93,8 @@ class DenoisingStage(PipelineStage):
         predict = self.predictor.prepare(state)
         if self.step_cache is not None:
             predict = self.step_cache.begin(state, predict)
-        scale, total = state.request.guidance_scale, len(sampler.timesteps)
+        total = len(sampler.timesteps)
+        scale = self.guidance.scale(state.request) if state.uncond is not None else 1.0  # unused without uncond
         for i in range(total):
             state.check_cancelled()
             t = sampler.timesteps[i]
