@@ -8,7 +8,8 @@ body is read), and without a key: ``GET /health`` (200 when the worker is ready,
 ``GET /health/ready`` (readiness: 200 only while requests can be served), ``GET /health/live`` (liveness:
 200 unless the worker is dead for good), ``GET /metrics`` (Prometheus; needs the key with
 ``metrics_require_key``), ``GET /outputs/images/{name}`` (``url`` image results), and with ``docs`` on
-``GET /docs`` (a self-contained HTML reference) and ``GET /openapi.json``. CORS headers are sent for the
+``GET /docs`` (a self-contained HTML reference) and ``GET /openapi.json``, and with ``playground`` on ``GET /``
+(the web playground, `diffserve.server.playground`). CORS headers are sent for the
 configured origins only (none by default).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}``: 400 bad input (FastAPI's 422 included),
@@ -39,6 +40,7 @@ from diffserve.server import routes_images, routes_loras, routes_videos
 from diffserve.server.docs_page import render_docs
 from diffserve.server.inputs import PayloadTooLarge
 from diffserve.server.outputs import output_response
+from diffserve.server.playground import mount_playground
 from diffserve.server.protocol import APIError, error_body, from_user_error, from_validation_error
 from diffserve.server.runtime import Runtime
 
@@ -290,6 +292,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     v1.include_router(_models_router())
     app.include_router(v1)
     _service_routes(app, runtime)
+    if cfg.playground:
+        mount_playground(app)  # GET / and /playground/{name}, without the key
     # Outermost last: metrics see every answer, CORS answers preflights, the key is checked before the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_upload_bytes)
     app.add_middleware(AuthMiddleware, key=cfg.api_key, protect_metrics=cfg.metrics_require_key)

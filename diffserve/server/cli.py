@@ -59,6 +59,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                      help="serve GET /openapi.json and GET /docs (default on). /docs is a plain HTML reference "
                           "rendered by the server: FastAPI's Swagger UI and ReDoc load their assets from a CDN, "
                           "which fails offline, and no installed package ships them")
+    net.add_argument("--playground", action=argparse.BooleanOptionalAction, default=True,
+                     help="serve the web playground at GET / (default on): a page that calls this API from the "
+                          "browser with the API key typed into it (the page itself needs no key)")
     net.add_argument("--allowed-origins", default="",
                      help="comma-separated origins allowed to call the API from a browser (CORS), e.g. "
                           "https://app.example.com; default: none (no CORS headers)")
@@ -245,7 +248,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace, max_queue_bytes=int(args.max_queue_mb * 2**20),
         max_request_mpx_steps=args.max_request_cost, job_ttl_s=args.job_ttl,
         output_quota_bytes=int(args.output_quota_gb * 2**30), watchdog=watchdog, lora_dir=args.lora_dir,
-        metrics_require_key=args.metrics_require_key, docs=args.docs, allowed_origins=origins,
+        metrics_require_key=args.metrics_require_key, docs=args.docs, playground=args.playground,
+        allowed_origins=origins,
         output_storage=args.output_storage, s3_endpoint_url=args.s3_endpoint_url)
     fatal: list[str] = []
 

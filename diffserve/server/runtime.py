@@ -55,6 +55,7 @@ class ServerConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     metrics_require_key: bool = False
     docs: bool = True
+    playground: bool = True  # the web playground at GET / (diffserve.server.playground)
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
     lora_dir: Path | None = None  # where POST /v1/loras may load LoRA files from (routes_loras)
     output_storage: str | None = None  # s3://bucket/prefix for url images and MP4s; None: under output_dir

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -189,3 +189,48 @@ def stub_app(output_dir: Path, defaults: Any, *, answer: bool = True, **config: 
 
     rt.submit = submit  # type: ignore[method-assign]
     return TestClient(create_app(rt)), rt, items
+
+
+# Debian's Chromium, driven by Playwright (never `playwright install`: the browser comes from the system).
+CHROMIUM_PATH = "/usr/bin/chromium"
+CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def launch_chromium(playwright: Any) -> Any:
+    """A headless Chromium browser from a started `playwright.sync_api.sync_playwright()`."""
+    if not os.access(CHROMIUM_PATH, os.X_OK):
+        raise RuntimeError(f"{CHROMIUM_PATH} is missing: install Debian's chromium (apt-get install -y chromium)")
+    return playwright.chromium.launch(executable_path=CHROMIUM_PATH, args=list(CHROMIUM_ARGS))
+
+
+class ThreadedServer:
+    """An ASGI app served by uvicorn in a thread of this process on a free loopback port (no lifespan: for
+    `stub_app`'s runtime, whose worker is never started). A context manager; `url` is its address."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="diffserve-test-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the threaded test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
