@@ -365,6 +365,13 @@ def test_engine_and_cli_refuse_fp8_on_cpu(flux_dev_repo: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and "--fp8 linear needs a CUDA GPU" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
+    from diffserve.layers.attention import sage_available
+
+    if not sage_available():  # a missing kernel library is one line too
+        code = main(["generate", "--model-path", str(flux_dev_repo), "--prompt", "x", "--device", "cpu",
+                     "--attention-backend", "sage", "--output-path", "/nonexistent/never.png"])
+        err = capsys.readouterr().err
+        assert code == 2 and "pip install sageattention" in err and "Traceback" not in err
 
 
 def test_gelu_matches_what_the_layer_replaces() -> None:

@@ -58,6 +58,11 @@ BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "math", "fa3", "sage")
 LOSSY_BACKENDS = ("sage",)  # backends whose results differ from exact attention by more than rounding
 
 
+class BackendUnavailableError(UserError, ValueError):
+    """An attention backend (or its FP8 mode) that cannot run here: one line for the CLI and server (a
+    UserError), still a ValueError for callers that catch those."""
+
+
 class MaskedAttentionFn(Protocol):
     """The seam's local kernel: (B, Lq, H, D), (B, Lk, H, D) x2, kv_mask (B, Lk) bool -> (B, Lq, H, D)."""
 
@@ -473,19 +478,21 @@ class AttentionOp:
                   fp8: bool | None = None) -> None:
         if backend is not None:
             if backend not in BACKENDS:
-                raise ValueError(f"unknown attention backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+                raise BackendUnavailableError(f"unknown attention backend {backend!r}; accepted: "
+                                              f"{', '.join(BACKENDS)}", param="attention_backend")
             if backend == "fa3" and not fa3_available():
-                raise ValueError("attention backend 'fa3' needs FlashAttention 3: pip install \"diffserve[fa3]\" "
-                                 "(the fa3-fwd wheel, Linux x86_64, Hopper GPUs) or FA3's own "
-                                 "flash_attn_interface")
+                raise BackendUnavailableError(
+                    "attention backend 'fa3' needs FlashAttention 3: pip install \"diffserve[fa3]\" (the fa3-fwd "
+                    "wheel, Linux x86_64, Hopper GPUs) or FA3's own flash_attn_interface", param="attention_backend")
             if backend == "sage" and not sage_available():
-                raise ValueError("attention backend 'sage' needs SageAttention: pip install sageattention==1.0.6 "
-                                 "(Triton, CUDA GPUs)")
+                raise BackendUnavailableError("attention backend 'sage' needs SageAttention: pip install "
+                                              "sageattention==1.0.6 (Triton, CUDA GPUs)", param="attention_backend")
             self.backend = backend
         if fp8 is not None:
             if fp8 and self.backend != "fa3":
-                raise ValueError(f"FP8 attention runs on FlashAttention 3's FP8 kernels: it needs attention "
-                                 f"backend 'fa3' (Hopper, pip install \"diffserve[fa3]\"), not {self.backend!r}")
+                raise BackendUnavailableError(
+                    f"FP8 attention runs on FlashAttention 3's FP8 kernels: it needs attention backend 'fa3' "
+                    f"(Hopper, pip install \"diffserve[fa3]\"), not {self.backend!r}", param="fp8")
             self.fp8 = fp8
         if parallel is not None:
             self.parallel = parallel
