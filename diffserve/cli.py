@@ -192,10 +192,11 @@ def _job_requests(where: str, fields: dict[str, object], index: ModelIndex,
 
 def _load_engine(args: argparse.Namespace, model_path: str) -> LocalEngine | ParallelEngine:
     """The engine the flags ask for (the only step that reads weights)."""
+    from diffserve.cli_args import step_cache_options
     from diffserve.engine.entry import Engine
     from diffserve.parallel.mesh import parallel_config_from_args
 
-    return Engine.from_pretrained(model_path, dtype=args.dtype, device=args.device,
+    return Engine.from_pretrained(model_path, dtype=args.dtype, device=args.device, **step_cache_options(args),
                                   attention_backend=args.attention_backend, compile=args.compile,
                                   fuse=args.fuse, vae_dtype=args.vae_dtype, fp8=args.fp8,
                                   parallel=parallel_config_from_args(args), **lora_options(args),
@@ -271,6 +272,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"seed {result.seed}: {path}", file=sys.stderr)
         stages = ", ".join(f"{k} {v:.3f}s" for k, v in results[0].timings.items())
         print(f"timings ({len(results)} output(s)): {stages}", file=sys.stderr)
+        if results[0].cache_hit_fraction is not None:
+            print(f"step cache: {results[0].cache_hit_fraction:.0%} of the model calls reused it", file=sys.stderr)
         if results[0].peak_memory_bytes:
             label = "GPU peak allocated" if engine.config.device.type == "cuda" else "process peak RSS"
             print(f"{label}: {results[0].peak_memory_bytes / 2**30:.2f} GiB", file=sys.stderr)

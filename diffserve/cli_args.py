@@ -12,6 +12,7 @@ import re
 import socket
 from typing import NoReturn
 
+from diffserve.accel.cache_config import DEFAULT_THRESHOLD, StepCacheConfig
 from diffserve.errors import UserError
 
 MODEL_DEFAULTS_HELP = """\
@@ -82,6 +83,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="pick the cheapest of the offloads above that fits this many GiB of GPU memory (auto: the "
                           "card's memory), estimated from the weights' sizes and the default request's activations; "
                           "offload flags given are always applied")
+    sc = p.add_argument_group("step cache (lossy, off by default; BENCHMARKS.md has its fidelity)")
+    sc.add_argument("--step-cache", choices=("none", "fbcache"), default="none",
+                    help="reuse work across denoising steps: fbcache runs the first transformer block every step "
+                         "and skips the others while its output changes little, adding the residual they added "
+                         "last time. Faster, but the output is no longer the uncached one (lossy). none (default): "
+                         "every block every step")
+    sc.add_argument("--cache-threshold", type=float, default=None, metavar="T",
+                    help="with --step-cache: skip when the first block's residual changed by less than T (relative "
+                         "L1) since the last full step; higher = faster and further from the uncached output, 0 = "
+                         f"never skip (default {DEFAULT_THRESHOLD:g}; a server request may set its own with "
+                         f"cache_threshold; accepted 0-10, useful about 0.03-0.3)")
+    sc.add_argument("--cache-warmup", type=int, default=None, metavar="STEPS",
+                    help="with --step-cache: the first STEPS steps always run every block (more = closer to the "
+                         f"uncached output, slower; default {StepCacheConfig.warmup_steps})")
+    sc.add_argument("--cache-max-skip", type=int, default=None, metavar="N",
+                    help="with --step-cache: at most N steps in a row reuse the cache, then one runs every block "
+                         f"(more = faster, further from the uncached output; default {StepCacheConfig.max_skip})")
     par = p.add_argument_group("multi-GPU (docs/PARALLEL.md)")
     par.add_argument("--num-gpus", type=int, default=None,
                      help="processes / GPUs in all (default: the product of the settings below, else 1)")
@@ -115,6 +133,21 @@ def memory_options(args: argparse.Namespace) -> dict[str, object]:
     return {"vae_tiling": {"auto": None, "on": True, "off": False}[args.vae_tiling],
             "text_encoder_cpu_offload": args.text_encoder_cpu_offload, "vae_cpu_offload": args.vae_cpu_offload,
             "dit_cpu_offload": args.dit_cpu_offload, "max_gpu_memory": limit}
+
+
+def step_cache_options(args: argparse.Namespace) -> dict[str, object]:
+    """The `step_cache` keyword argument of `Engine.from_pretrained` from --step-cache and its settings
+    (UserError when a setting is given without --step-cache, or is out of range)."""
+    given = {"cache_threshold": args.cache_threshold, "cache_warmup": args.cache_warmup,
+             "cache_max_skip": args.cache_max_skip}
+    if args.step_cache == "none":
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            raise UserError(f"--{extra[0].replace('_', '-')} needs --step-cache fbcache (the step cache is off "
+                            f"by default)", param=extra[0])
+        return {"step_cache": StepCacheConfig()}
+    settings = {"threshold": args.cache_threshold, "warmup_steps": args.cache_warmup, "max_skip": args.cache_max_skip}
+    return {"step_cache": StepCacheConfig(mode=args.step_cache, **{k: v for k, v in settings.items() if v is not None})}
 
 
 def _words(flag: str) -> set[str]:

@@ -78,12 +78,13 @@ class StepCache:
         self.branch, self.step = "cond", 0
         self.calls = self.hits = 0
         self.decisions: list[tuple[str, int, bool]] = []  # (branch, step, reused) of this generation
+        self.changes: list[float] = []  # the relative changes measured in this generation, in call order
 
     def start(self, config: StepCacheConfig) -> None:
         """A new generation with `config`: every branch's state and the counts are cleared."""
         self.active, self.states = config, {}
         self.calls = self.hits = 0
-        self.decisions = []
+        self.decisions, self.changes = [], []
 
     def begin(self, state: PipelineState, predict: PredictFn) -> PredictFn:
         """Start a generation for the batch in `state` (its requests' threshold, else the engine's) and wrap
@@ -130,7 +131,9 @@ class StepCache:
         self.calls += 1
         if self._reusable(state, cfg, residual):
             assert state.first_residual is not None and state.rest_residual is not None
-            if self._change(residual, state.first_residual, x) < cfg.threshold:
+            change = self._change(residual, state.first_residual, x)
+            self.changes.append(change)
+            if change < cfg.threshold:
                 state.consecutive += 1
                 self.hits += 1
                 self.decisions.append((self.branch, self.step, True))

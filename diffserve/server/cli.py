@@ -231,7 +231,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     faults = os.environ.get(FAULT_INJECTION_ENV) == "1"
+    from diffserve.cli_args import step_cache_options
+
     worker = WorkerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
+                          **step_cache_options(args),  # type: ignore[arg-type]
                           attention_backend=args.attention_backend, compile=getattr(args, "compile", False),
                           fuse=args.fuse, vae_dtype=args.vae_dtype, fp8=args.fp8,
                           parallel=parallel_config_from_args(args), fault_injection=faults,

@@ -49,6 +49,7 @@ class WorkerConfig:
     vae_dtype: str | None = None
     fp8: str = "off"  # lossy FP8 (--fp8), fixed for the worker's engine
     parallel: object | None = None  # a diffserve.parallel.mesh.ParallelConfig for multi-GPU engines
+    step_cache: object | None = None  # a diffserve.accel.cache_config.StepCacheConfig (None: off)
     heartbeat_s: float = 1.0  # how often the worker says it is alive
     fault_injection: bool = False  # test hook, see diffserve.server.worker
     fail_load_marker: str | None = None  # with fault_injection: loading fails while this file exists

@@ -179,6 +179,8 @@ class SamplingExtensions(_Body):
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    # step-cache threshold of this request, 0-10 (0: off); servers started with --step-cache only
+    cache_threshold: float | None = None
     true_cfg_scale: float | None = None  # diffusers' name; per model, `diffserve.config.guidance_scales`
     seed: int | None = None
     lora: str | list[str | LoraEntry] | None = Field(default=None, description=LORA_FIELD_HELP)

@@ -79,6 +79,7 @@ def _build_request(rt: Runtime, body: ImageGenerationBody, image: Any) -> Genera
     width, height = parse_size(body.size)
     req = resolve(GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
+        cache_threshold=body.cache_threshold,
         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
         true_cfg_scale=body.true_cfg_scale, seed=body.seed,
         num_outputs=n, image=image, lora=body.lora_value()), defaults)

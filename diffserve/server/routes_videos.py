@@ -99,6 +99,7 @@ def _build_request(rt: Runtime, body: VideoCreateBody, image: Any) -> Generation
     width, height = parse_size(body.size)
     req = resolve(GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, height=height, width=width,
+        cache_threshold=body.cache_threshold,
         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
         true_cfg_scale=body.true_cfg_scale, seed=body.seed,
         num_frames=frames, fps=body.fps, image=image, lora=body.lora_value()), defaults)

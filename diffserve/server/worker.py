@@ -280,6 +280,7 @@ def load_engine(cfg: WorkerConfig, events: EventPipe) -> object | None:
 
     try:
         engine = Engine.from_pretrained(cfg.model_path, dtype=cfg.dtype, device=cfg.device,
+                                        step_cache=cfg.step_cache,  # type: ignore[arg-type]
                                         attention_backend=cfg.attention_backend, compile=cfg.compile,
                                         fuse=cfg.fuse, vae_dtype=cfg.vae_dtype, fp8=cfg.fp8,
                                         parallel=cfg.parallel,  # type: ignore[arg-type]
