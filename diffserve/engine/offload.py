@@ -1,4 +1,5 @@
-"""CPU offload: running a model whose weights do not all fit on the GPU (docs/DESIGN-NOTES.md, note 20).
+"""CPU offload: running a model whose weights do not all fit on the GPU (docs/DESIGN-NOTES.md: "CPU offload
+is a transform after loading").
 
 Two mechanisms, applied by `apply_offload` after the model is built, fused, LoRA-merged and compiled (the last
 start-up transform):

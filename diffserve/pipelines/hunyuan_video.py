@@ -42,6 +42,7 @@ from diffserve.pipelines.base import (
 from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise, video_latent_shape
 from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output
+from diffserve.pipelines.stages.vae_tiling import use_tiling
 from diffserve.schedulers.flow_match import FlowMatchConfig, FlowMatchEulerSampler
 from diffserve.schedulers.guidance import TrueCfgOverEmbedded
 
@@ -212,13 +213,8 @@ def untiled_decode_bytes(vae_config, frames: int, height: int, width: int, dtype
 
 def use_vae_tiling(setting: bool | None, vae, frames: int, height: int, width: int, device: torch.device) -> bool:
     """The engine's `vae_tiling` if set; otherwise tiled only on CUDA when the untiled decode is estimated
-    not to fit in 90% of the free device memory."""
-    if setting is not None:
-        return setting
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return untiled_decode_bytes(vae.config, frames, height, width, vae.dtype) > 0.9 * free
+    not to fit in 90% of the free device memory (`stages.vae_tiling.use_tiling`)."""
+    return use_tiling(setting, untiled_decode_bytes(vae.config, frames, height, width, vae.dtype), device)
 
 
 class HunyuanDecodingStage(PipelineStage):
