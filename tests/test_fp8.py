@@ -354,6 +354,23 @@ def test_fp8_needs_an_fp8_gpu() -> None:
         check_fp8("int8", torch.device("cpu"), torch.float32)
 
 
+def test_fp8_refusals_on_a_gpu_with_fp8(monkeypatch) -> None:
+    """The rest of the rules, past the device check (a GPU with FP8 pretended)."""
+    from diffserve.layers import fp8
+
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: True)
+    cuda = torch.device("cuda")
+    fp8.check_fp8("all", cuda, torch.bfloat16, "fa3")
+    fp8.check_fp8("linear", cuda, torch.bfloat16, "cudnn", dit_offload=0.0)
+    fp8.check_fp8("attention", cuda, torch.bfloat16, "fa3", dit_offload=1.0)
+    for args, match in ((("linear", cuda, torch.float16), "--dtype bf16"),
+                        (("attention", cuda, torch.bfloat16, "cudnn"), "--attention-backend fa3"),
+                        (("linear", cuda, torch.bfloat16, "fa3", "unmerged"), "--lora-mode merged"),
+                        (("all", cuda, torch.bfloat16, "fa3", "merged", 0.5), "--dit-cpu-offload")):
+        with pytest.raises(UserError, match=match):
+            fp8.check_fp8(*args)
+
+
 def test_engine_and_cli_refuse_fp8_on_cpu(flux_dev_repo: Path, capsys) -> None:
     from diffserve.cli import main
     from diffserve.engine.entry import Engine

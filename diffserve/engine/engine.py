@@ -228,7 +228,7 @@ class LocalEngine(GenerateAPI):
         if config.fp8 != "off":
             from diffserve.layers.fp8 import check_fp8
 
-            check_fp8(config.fp8, config.device, config.dtype, backend, config.lora_mode)
+            check_fp8(config.fp8, config.device, config.dtype, backend, config.lora_mode, config.offload.dit)
         self.attention = AttentionOp(backend, fp8=config.fp8 in ("attention", "all"))
         self.pipeline: ComposedPipeline = build_pipeline(self.index, config, self.attention)
         transformer = self.pipeline.components.transformer  # type: ignore[union-attr]

@@ -266,9 +266,10 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 def check_fp8(mode: str, device: torch.device, dtype: torch.dtype, backend: str | None = None,
-              lora_mode: str = "merged") -> None:
+              lora_mode: str = "merged", dit_offload: float = 0.0) -> None:
     """One-line UserError unless `mode` is off, or the engine runs in bf16 on a GPU with FP8 (and, for FP8
-    attention, on the 'fa3' backend; LoRAs merged, not unmerged adapters)."""
+    attention, on the 'fa3' backend; LoRAs merged, not unmerged adapters; FP8 weights not streamed from host
+    memory: `dit_offload` is the share of blocks --dit-cpu-offload streams)."""
     if mode not in FP8_MODES:
         raise UserError(f"unknown fp8 mode {mode!r}; accepted: {', '.join(FP8_MODES)}", param="fp8")
     if mode == "off":
@@ -287,6 +288,10 @@ def check_fp8(mode: str, device: torch.device, dtype: torch.dtype, backend: str 
         raise UserError(f"--fp8 {mode} runs attention on FlashAttention 3's FP8 kernels: it needs "
                         f"--attention-backend fa3 (Hopper, pip install \"diffserve[fa3]\"), not {backend}; or "
                         "use --fp8 linear", param="fp8")
+    if mode in ("linear", "all") and dit_offload:
+        raise UserError(f"--fp8 {mode} does not combine with --dit-cpu-offload (the blocks' FP8 weights are not "
+                        "streamed from host memory); FP8 halves the blocks' weight memory instead: drop one of "
+                        "them (--fp8 attention does combine)", param="fp8")
     if lora_mode == "unmerged":
         raise UserError(f"--fp8 {mode} quantizes the weights at load: unmerged LoRA adapters cannot ride on them; "
                         "use --lora-mode merged", param="fp8")
