@@ -47,7 +47,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8", choices=("off", "linear", "attention", "all"), default="off",
                    help="lossy FP8 (e4m3) compute, off by default: linear = the transformer blocks' matrix "
                         "multiplies with FP8 weights and per-token FP8 activations (about 2x GEMM throughput; "
-                        "relative error of a layer ~2-3%%), attention = FlashAttention 3's FP8 kernels (needs "
+                        "relative error of a layer ~4%%), attention = FlashAttention 3's FP8 kernels (needs "
                         "--attention-backend fa3), all = both. Needs a GPU with FP8 (compute capability 8.9+) "
                         "and bf16; pays off with --compile (the quantization fuses into the kernels around the "
                         "multiply); weights are quantized at load, so it is fixed for the engine and cannot "
