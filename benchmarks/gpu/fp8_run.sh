@@ -2,7 +2,7 @@
 # Issue 15 items 3b/3c on one H100: FP8 GEMMs, FA3 FP8 attention and SageAttention, speed and fidelity.
 #   bash benchmarks/gpu/fp8_run.sh micro      # microbenchmarks: linear (bf16 / _scaled_mm rowwise, tensorwise /
 #                                             # Fp8Linear compiled / torchao) and attention (cuDNN / FA3 / FA3 fp8 /
-#                                             # sage) at FLUX and Wan shapes, with errors (~4 min)
+#                                             # sage) at FLUX and Wan shapes, with errors (~5 min, mostly compiles)
 #   bash benchmarks/gpu/fp8_run.sh flux       # FLUX.1-dev 1024^2, 28 steps: diffusers eager, diffserve+compile[fa3]
 #                                             # (lossless reference), diffserve+compile+fp8[fa3] (~8 min with the build)
 #   bash benchmarks/gpu/fp8_run.sh flux-more  # same warm machine, after flux: +fp8+fp8attn[fa3], +compile[sage],
@@ -37,7 +37,7 @@ case "$which" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-opt \
       .whl/opt/*.whl || echo "torchao wheel not installed (micro runs without it)"
     PYTHONPATH=/tmp/site-opt:$PYTHONPATH timeout 540 python3 benchmarks/gpu/fp8_micro.py --out "$OUT/fp8_micro.json" \
-      2>&1 | grep -v -i "warn" | tee "$OUT/micro.log" | tail -60
+      2>&1 | grep -v -i "warn" | tee "$OUT/micro.log" | grep -v ' {"' | tail -70
     ;;
   flux|flux-more)
     [ -d /tmp/flux-dev ] || python3 -m diffserve.testing.fixtures flux-dev /tmp/flux-dev --scale full --device cuda \
