@@ -263,7 +263,8 @@ def _scale(name: str, value: object, low: float) -> float:
 
 def guidance_scales(req: GenerationRequest, defaults: ModelDefaults) -> tuple[float, float | None]:
     """(guidance_scale, true_cfg_scale) of a request, defaults filled. `true_cfg_scale` is a field of its own
-    for models with true CFG on top of embedded guidance (`defaults.true_cfg_scale` set: HunyuanVideo); for
+    for models with true CFG on top of embedded guidance (`defaults.true_cfg_scale` set: HunyuanVideo), where
+    it and a negative prompt must come together (`_check_true_cfg_pair`); for
     Qwen-Image (guidance "true_cfg") it is another name of guidance_scale (both given: they must agree) and
     comes back as None; any other model refuses it."""
     guidance, true_cfg = req.guidance_scale, req.true_cfg_scale
@@ -282,8 +283,23 @@ def guidance_scales(req: GenerationRequest, defaults: ModelDefaults) -> tuple[fl
                 "use guidance_scale", param="true_cfg_scale")
     elif defaults.true_cfg_scale is not None:
         true_cfg = defaults.true_cfg_scale
+    if defaults.true_cfg_scale is not None:  # its own switch: a negative prompt and a scale > 1 go together
+        _check_true_cfg_pair(req.negative_prompt, true_cfg)  # type: ignore[arg-type]
     guidance = _scale("guidance_scale", guidance if guidance is not None else defaults.guidance_scale, 0.0)
     return guidance, true_cfg
+
+
+def _check_true_cfg_pair(negative_prompt: str | None, true_cfg: float) -> None:
+    """Models with true CFG on top of embedded guidance run it, as diffusers, only with a negative prompt and
+    true_cfg_scale > 1; one without the other would be silently ignored there, so it is refused here."""
+    if negative_prompt is not None and true_cfg <= 1.0:
+        raise InvalidRequestError(
+            "this model uses a negative prompt only for true CFG: give true_cfg_scale > 1 with it (its "
+            "guidance_scale is embedded in the model), or leave negative_prompt out", param="negative_prompt")
+    if negative_prompt is None and true_cfg > 1.0:
+        raise InvalidRequestError(
+            f"true_cfg_scale={true_cfg:g} needs a negative_prompt to guide against (an empty string is accepted); "
+            f"or leave true_cfg_scale out", param="true_cfg_scale")
 
 
 def resolve_request(req: GenerationRequest, defaults: ModelDefaults, seed: int) -> GenerationRequest:

@@ -265,7 +265,13 @@ def test_true_cfg_scale_per_family() -> None:
                          guidance="true_cfg")
     wan = ModelDefaults(kind="video", height=32, width=32, num_inference_steps=2, guidance_scale=5.0, guidance="cfg")
     assert guidance_scales(GenerationRequest(prompt="x"), hunyuan) == (6.0, 1.0)
-    assert guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=5, guidance_scale=3.0), hunyuan) == (3.0, 5.0)
+    given = GenerationRequest(prompt="x", negative_prompt="", true_cfg_scale=5, guidance_scale=3.0)
+    assert guidance_scales(given, hunyuan) == (3.0, 5.0)
+    with pytest.raises(InvalidRequestError, match="needs a negative_prompt"):  # refused before queueing
+        guidance_scales(given.replace(negative_prompt=None), hunyuan)
+    with pytest.raises(InvalidRequestError, match="negative prompt only for true CFG"):
+        guidance_scales(given.replace(true_cfg_scale=None), hunyuan)
+    assert guidance_scales(GenerationRequest(prompt="x", negative_prompt="blurry"), qwen) == (4.0, None)
     assert guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=2.5), qwen) == (2.5, None)
     assert guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=2.5, guidance_scale=2.5), qwen) == (2.5, None)
     assert guidance_scales(GenerationRequest(prompt="x"), wan) == (5.0, None)
@@ -276,7 +282,7 @@ def test_true_cfg_scale_per_family() -> None:
         guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=2.0), wan)
     for bad in (0.5, 101, "4", True):
         with pytest.raises(InvalidRequestError, match="between 1 \\(off\\) and 100"):
-            guidance_scales(GenerationRequest(prompt="x", true_cfg_scale=bad), hunyuan)  # type: ignore[arg-type]
+            guidance_scales(given.replace(true_cfg_scale=bad), hunyuan)
 
 
 def test_defaults_and_validation(repo: Path) -> None:
@@ -330,8 +336,11 @@ def test_server_video_job(repo: Path, tmp_path: Path) -> None:
     server = start_server(repo, tmp_path, args=("--dtype", "fp32", "--device", "cpu", "--log-level", "warning"))
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="needs a negative_prompt"):
+            client.videos.create(prompt=PROMPTS[1], size="32x32", extra_body={"true_cfg_scale": 2.0})
         job = client.videos.create(prompt=PROMPTS[1], size="32x32", seconds="0.2",  # type: ignore[arg-type]
-                                   extra_body={"num_inference_steps": 2, "seed": 5})
+                                   extra_body={"num_inference_steps": 2, "seed": 5, "negative_prompt": "blurry",
+                                               "true_cfg_scale": 2.0})
         assert job.model_dump()["num_frames"] == 5  # 0.2 s at 24 fps -> the nearest 4k+1 count
         seen, deadline = [], time.monotonic() + 120
         while (job := client.videos.retrieve(job.id)).status not in ("completed", "failed"):

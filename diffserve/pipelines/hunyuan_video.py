@@ -11,7 +11,7 @@ True CFG (diffusers' `true_cfg_scale`, off by default): with a negative prompt a
 negative prompt is encoded like the prompt and the transformer runs a second branch on it, with the same
 embedded guidance; the two are combined as uncond + true_cfg_scale * (cond - uncond)
 (`TrueCfgOverEmbedded`), so `--enable-cfg-parallel` can split them. Requests that give one of the two
-without the other are refused rather than silently run without true CFG.
+without the other are refused (`diffserve.config.guidance_scales`) rather than silently run without it.
 
 Text padding: the reference runs the DiT on all 256 text positions with a key mask. Masked keys receive
 exactly zero attention weight, so the positions after the batch's longest real prompt cannot change any
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults
-from diffserve.errors import InvalidRequestError
 from diffserve.layers.attention import AttentionOp
 from diffserve.models.dits.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer
 from diffserve.models.loader import ModelIndex, load_component, load_dit, read_json
@@ -260,26 +259,11 @@ def hunyuan_video_defaults_from_configs(index: ModelIndex) -> ModelDefaults:
     return replace_defaults(base, repo_defaults(index.root))
 
 
-class HunyuanInputStage(InputValidationStage):
-    """Validation plus HunyuanVideo's rule: a negative prompt and true_cfg_scale > 1 come together (true CFG);
-    one without the other would be ignored by the reference, so it is refused."""
-
-    def run(self, state: PipelineState) -> None:
-        super().run(state)
-        for r in state.requests:
-            if r.negative_prompt is not None and not uses_true_cfg(r):
-                raise InvalidRequestError(
-                    "HunyuanVideo uses a negative prompt only for true CFG: give true_cfg_scale > 1 with it (its "
-                    "guidance_scale is embedded in the model), or leave negative_prompt out", param="negative_prompt")
-            if r.negative_prompt is None and (r.true_cfg_scale or 1.0) > 1.0:
-                raise InvalidRequestError(
-                    f"true_cfg_scale={r.true_cfg_scale:g} needs a negative_prompt to guide against (an empty string "
-                    f"is accepted); or leave true_cfg_scale out", param="true_cfg_scale")
-
-
-def hunyuan_video_input_stage(index: ModelIndex) -> HunyuanInputStage:
-    """The pipeline's validation stage from the config files alone (it runs before any weight is read)."""
-    return HunyuanInputStage(hunyuan_video_defaults_from_configs(index))
+def hunyuan_video_input_stage(index: ModelIndex) -> InputValidationStage:
+    """The pipeline's validation stage from the config files alone (it runs before any weight is read). The
+    rule that a negative prompt and true_cfg_scale > 1 come together is the request's (`resolve_request`), so
+    the server checks it before queueing."""
+    return InputValidationStage(hunyuan_video_defaults_from_configs(index))
 
 
 def load_hunyuan_video_components(index: ModelIndex, cfg: EngineConfig,
