@@ -70,7 +70,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                      help="how long finished video jobs, their MP4s and url images are kept, e.g. 3600, 90m, 24h, "
                           "7d (default 24h); jobs and outputs survive restarts in --output-dir")
     out.add_argument("--output-quota-gb", type=float, default=10.0,
-                     help="disk space for output files; beyond it the oldest are removed, their jobs with them "
+                     help="space for output files (on disk, or under the --output-storage prefix); beyond it the "
+                          "oldest are removed, their jobs with them "
                           "(default 10)")
     out.add_argument("--output-storage", default=None, metavar="s3://BUCKET/PREFIX",
                      help="keep url images and video MP4s in an S3-compatible bucket under PREFIX instead of "
