@@ -19,14 +19,18 @@ negative prompt), input image, seed, size, frames, guidance, dtype and steps; th
 ("fairness") and lists each engine's transformer inputs in the first timed step, text lengths included.
 
 Engines: diffserve with options joined by "+" (compile, fuse, nofuse, vaebf16; lossy: fp8 = the blocks' GEMMs
-in FP8, fp8attn = FA3's FP8 attention) and "[BACKEND]" for the attention kernel, e.g. "diffserve+compile[fa3]",
-"diffserve+compile+fp8[fa3]"; "diffusers", "diffusers+compile"
+in FP8, fp8attn = FA3's FP8 attention, fbcacheT[wW][mM] = the step cache at threshold T, warm-up W steps, at most
+M cached steps in a row) and "[BACKEND]" for the attention kernel, e.g. "diffserve+compile[fa3]",
+"diffserve+compile+fp8[fa3]", "diffserve+compile+fbcache0.08[fa3]"; "diffusers", "diffusers+compile"
 (`torch.compile(transformer, fullgraph=True)`) and "diffusers+regional" (diffusers'
 `compile_repeated_blocks(fullgraph=True)`). An engine that fails gets an error entry and the next one runs;
 a SIGTERM (e.g. from `timeout`) stops the engine in progress and the report is finished with the engines
 done so far; `--out` is also rewritten after every engine. `--merge` starts from the runs of the report at
 `--out` (an engine run again replaces its run; speed-ups recomputed; outputs compared when `--outputs` holds
-them), so one workload can be measured over several calls on a warm machine.
+them), so one workload can be measured over several calls on a warm machine. `--reference ENGINE` adds PSNR and
+SSIM (`diffserve.accel.fidelity`) of every engine's output against that engine's (the lossless path, same seed)
+to the report and its table; a step-cache engine's row also records its cache-hit fraction. A step cache's
+per-step time depends on the schedule, so time such engines at the full step count.
 
 Roofline (benchmarks/roofline.py): the FLOPs of one denoising step are counted on diffserve's transformer
 (matmuls with torch's flop counter, attention at the attention seam) by replaying the first timed step's
@@ -49,6 +53,8 @@ import functools
 import gc
 import inspect
 import json
+import math
+import re
 import shlex
 import signal
 import sys
@@ -141,11 +147,25 @@ class EngineSpec:
     vae_bf16: bool = False
     backend: str | None = None
     fp8: str = "off"  # "+fp8": the blocks' GEMMs in FP8; "+fp8attn": FA3's FP8 attention; both: "all"
+    cache: tuple[float, int | None, int | None] | None = None  # "+fbcacheT[wW][mM]": (threshold, warm-up, cap)
 
 
 ENGINE_OPTIONS = {"diffserve": {"compile", "fuse", "nofuse", "vaebf16", "fp8", "fp8attn"},
                   "diffusers": {"compile", "regional"}}
 FP8_OPTIONS = {(False, False): "off", (True, False): "linear", (False, True): "attention", (True, True): "all"}
+CACHE_OPTION = re.compile(r"fbcache(\d*\.?\d+)(?:w(\d+))?(?:m(\d+))?")  # fbcache0.08, fbcache0.1w2m3
+
+
+def parse_cache(options: list[str]) -> tuple[list[str], tuple[float, int | None, int | None] | None]:
+    """The options other than "fbcache...", and that one's (threshold, warm-up, cap) or None."""
+    found = [m for o in options if (m := CACHE_OPTION.fullmatch(o))]
+    if len(found) > 1:
+        raise SystemExit(f"one fbcache option per engine, got {[m.group(0) for m in found]}")
+    rest = [o for o in options if not CACHE_OPTION.fullmatch(o)]
+    if not found:
+        return rest, None
+    t, w, m = found[0].groups()
+    return rest, (float(t), int(w) if w else None, int(m) if m else None)
 
 
 def parse_engine(name: str) -> EngineSpec:
@@ -153,17 +173,30 @@ def parse_engine(name: str) -> EngineSpec:
     base, bracket, rest = name.partition("[")
     backend = rest[:-1] if bracket and rest.endswith("]") and len(rest) > 1 else None
     library, *options = base.split("+")
+    options, cache = parse_cache(options)
     known = ENGINE_OPTIONS.get(library)
     if (known is None or set(options) - known or len(set(options)) != len(options)
             or (bracket and backend is None) or (library == "diffusers" and backend)
-            or {"compile", "regional"} <= set(options) or {"fuse", "nofuse"} <= set(options)):
+            or {"compile", "regional"} <= set(options) or {"fuse", "nofuse"} <= set(options)
+            or (cache is not None and library != "diffserve")):
         raise SystemExit(f"unknown engine {name!r}: diffserve[+compile][+fuse|+nofuse][+vaebf16][+fp8][+fp8attn]"
-                         "[[BACKEND]], "
+                         "[+fbcacheT[wW][mM]][[BACKEND]], "
                          "diffusers, diffusers+compile or diffusers+regional")
     fuse = False if "nofuse" in options else (True if "fuse" in options else None)
     return EngineSpec(library, compile="compile" in options or "regional" in options,
                       regional="regional" in options, fuse=fuse, vae_bf16="vaebf16" in options,
-                      backend=backend, fp8=FP8_OPTIONS["fp8" in options, "fp8attn" in options])
+                      backend=backend, fp8=FP8_OPTIONS["fp8" in options, "fp8attn" in options], cache=cache)
+
+
+def step_cache_config(spec: EngineSpec):
+    """The engine's `StepCacheConfig` (mode "none" without an fbcache option)."""
+    from diffserve.accel.cache_config import StepCacheConfig
+
+    if spec.cache is None:
+        return StepCacheConfig()
+    t, w, m = spec.cache
+    extra = {k: v for k, v in (("warmup_steps", w), ("max_skip", m)) if v is not None}
+    return StepCacheConfig("fbcache", threshold=t, **extra)
 
 
 def family(w: Workload) -> str:
@@ -451,7 +484,7 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: 
     engine = Engine(EngineConfig(model_path=str(repo), dtype=parse_dtype(dtype), device=torch.device(device),
                                  attention_backend=spec.backend, compile=spec.compile, fuse=spec.fuse,
                                  vae_dtype=torch.bfloat16 if spec.vae_bf16 else None,
-                                 vae_tiling=w.vae_tiling, fp8=spec.fp8))
+                                 vae_tiling=w.vae_tiling, fp8=spec.fp8, step_cache=step_cache_config(spec)))
     params = request_params(w)
     t0 = time.perf_counter()
     if warmup:
@@ -482,6 +515,8 @@ def run_diffserve(repo: Path, w: Workload, steps: int, name: str, profile_path: 
     stages["warmup_s"] = round(warm_s, 2)
     stages["attention"] = engine.attention.backend
     stages["resident_before_gib"] = round(resident / 2**30, 2)
+    if res.cache_hit_fraction is not None:
+        stages["cache_hit_fraction"] = round(res.cache_hit_fraction, 4)
     if syncs:
         stages["host_syncs_in_denoising"] = syncs[0]
     run = Run(name, steps, t["total"], t["denoising"], t["denoising"] / steps,
@@ -707,7 +742,7 @@ def _safe(name: str) -> str:
 
 
 def make_report(meta: dict[str, Any], w: Workload, runs: list[Run], outs: dict[str, np.ndarray],
-                inputs: dict[str, list], compare: bool = True) -> dict[str, Any]:
+                inputs: dict[str, list], compare: bool = True, reference: str | None = None) -> dict[str, Any]:
     """Runs, end to end at the full step count, speed-ups against diffusers eager, the transformer inputs per
     engine and, with `compare`, the output differences (against the plain diffserve path and against
     diffusers)."""
@@ -734,7 +769,24 @@ def make_report(meta: dict[str, Any], w: Workload, runs: list[Run], outs: dict[s
         ref = outs["diffusers"].astype(float)
         report["output_mean_abs_diff_255_vs_diffusers"] = {
             k: float(np.abs(v.astype(float) - ref).mean()) for k, v in outs.items() if k != "diffusers"}
+    if reference is not None and reference in outs:  # outputs of the same step count as the reference's
+        steps = {r.engine: r.steps for r in runs}
+        same = {k: v for k, v in outs.items() if steps.get(k) == steps.get(reference)}
+        report["fidelity_reference"] = reference
+        report["fidelity_vs_reference"] = fidelity_vs(same, reference)
     return report
+
+
+def fidelity_vs(outs: dict[str, np.ndarray], reference: str) -> dict[str, dict[str, float]]:
+    """{engine: {"psnr_db", "ssim"}} of every output against `reference`'s (same shape; PSNR inf: identical)."""
+    from diffserve.accel.fidelity import psnr, ssim
+
+    ref, out = outs[reference], {}
+    for name, x in outs.items():
+        if name != reference and x.shape == ref.shape:
+            p = psnr(x, ref)
+            out[name] = {"psnr_db": round(p, 2) if math.isfinite(p) else math.inf, "ssim": round(ssim(x, ref), 4)}
+    return out
 
 
 def fairness(w: Workload, steps: int, dtype: str, repo: Path, warmup: bool = True) -> dict[str, Any]:
@@ -778,6 +830,11 @@ def table(report: dict[str, Any]) -> str:
                      f"{r['peak_gib']:8.1f} {r['stages'].get('warmup_s', 0):9.1f} {floor:>6s}  {tokens}")
     lines += [f"{name:30s} FAILED: {err}" for name, err in report.get("errors", {}).items()]
     lines += [f"note: {n}" for n in report.get("notes", [])]
+    for name, f in report.get("fidelity_vs_reference", {}).items():
+        run = next((r for r in report["runs"] if r["engine"] == name), None)
+        hits = run["stages"].get("cache_hit_fraction") if run else None
+        lines.append(f"fidelity vs {report['fidelity_reference']}: {name:30s} PSNR {f['psnr_db']:6.2f} dB  "
+                     f"SSIM {f['ssim']:.4f}" + (f"  cache hits {hits:.0%}" if hits is not None else ""))
     if "output_mean_abs_diff_255_vs_diffusers" in report:
         diffs = ", ".join(f"{k} {v:.2f}" for k, v in report["output_mean_abs_diff_255_vs_diffusers"].items())
         lines.append(f"output vs diffusers (mean |diff| /255): {diffs}")
@@ -812,7 +869,7 @@ def run_engines(args: argparse.Namespace, w: Workload, steps: int, specs: dict[s
         try:
             dev = dict(device=args.device, dtype=args.dtype)
             if spec.library == "diffserve":
-                count = not args.no_roofline and not state.flops_complete
+                count = not args.no_roofline and not state.flops_complete and spec.cache is None
                 res = run_diffserve(args.repo, w, steps, name, profile_path=args.profile, count_flops=count,
                                     count_syncs=not args.no_sync_count, warmup=not args.no_warmup, **dev)
                 if res.flops is not None and (state.flops is None or res.flops_complete):
@@ -871,6 +928,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="start from the runs of the report at --out (an engine run again replaces its run)")
     ap.add_argument("--outputs", type=Path, default=None,
                     help="keep every engine's output here (.npy), to compare outputs across --merge calls")
+    ap.add_argument("--reference", default=None, metavar="ENGINE",
+                    help="report PSNR/SSIM of every engine's output against this engine's (e.g. the lossless "
+                         "diffserve+compile[fa3]); with --merge, earlier calls' outputs count when --outputs kept them")
     args = ap.parse_args(argv)
     command = "python benchmarks/bench_e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     w = WORKLOADS[args.workload]
@@ -924,7 +984,7 @@ def finish(args: argparse.Namespace, w: Workload, meta: dict[str, Any], state: R
     engines this invocation ran."""
     flops, flops_source = state.flops, state.flops_source
     runs = state.runs
-    report = make_report(meta, w, runs, state.outs, state.inputs)
+    report = make_report(meta, w, runs, state.outs, state.inputs, reference=args.reference)
     if state.errors:
         report["errors"] = state.errors
     if state.notes:

@@ -349,3 +349,17 @@ def test_ssim() -> None:
     assert ssim(video, np.stack([a, a])) == pytest.approx((1.0 + ssim(noisy, a)) / 2)
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(a[:8, :8], a[:8, :8])
+
+
+def test_bench_harness_cache_engines() -> None:
+    from benchmarks.bench_e2e import fidelity_vs, parse_engine, step_cache_config
+
+    spec = parse_engine("diffserve+compile+fbcache0.12w1m5[fa3]")
+    assert spec.compile and spec.backend == "fa3" and spec.cache == (0.12, 1, 5)
+    assert step_cache_config(spec) == StepCacheConfig("fbcache", threshold=0.12, warmup_steps=1, max_skip=5)
+    assert step_cache_config(parse_engine("diffserve+compile")).mode == "none"
+    with pytest.raises(SystemExit, match="unknown engine"):
+        parse_engine("diffusers+fbcache0.1")
+    a = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    fid = fidelity_vs({"ref": a, "same": a.copy(), "inverted": 255 - a}, "ref")
+    assert fid["same"] == {"psnr_db": math.inf, "ssim": 1.0} and fid["inverted"]["ssim"] < 0
