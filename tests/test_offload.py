@@ -327,6 +327,24 @@ def test_flags_reach_the_engine_and_errors_are_one_line(flux_repo) -> None:
         OffloadConfig(max_gpu_memory=-1)
 
 
+def test_serve_flags_reach_the_worker_engine(flux_repo) -> None:
+    from diffserve.cli import build_parser
+    from diffserve.server.messages import Ready, WorkerConfig
+    from diffserve.server.worker import load_engine
+
+    args = build_parser().parse_args(["serve", "--vae-cpu-offload", "--dit-cpu-offload", "--vae-tiling", "off"])
+    cfg = WorkerConfig(str(flux_repo), dtype="fp32", device="cpu", **memory_options(args))
+
+    class Events(list):
+        send = list.append
+
+    events = Events()
+    engine = load_engine(cfg, events)
+    assert isinstance(events[-1], Ready), events
+    assert engine.config.offload == OffloadConfig(vae=True, dit=1.0) and engine.config.vae_tiling is False
+    assert sorted(engine.offloaded.modules) == ["vae"] and len(engine.offloaded.streams) == 2
+
+
 def test_parallel_engine_passes_memory_options_to_the_ranks(flux_repo, monkeypatch) -> None:
     import diffserve.engine.parallel_engine as pe
     from diffserve.engine import ranks

@@ -11,8 +11,8 @@ its phase):
     text encoding  resident DiT + text encoders + resident VAE
     denoising      resident DiT + resident text encoders + resident VAE + the DiT's activations
     decoding       resident DiT + resident text encoders + VAE + the decode's activations
-where the resident DiT is its non-repeated parameters, the blocks not streamed and two block-sized slots
-when streaming. A plan fits when its peak is at most FIT_SHARE of the budget (room for the allocator's
+where the resident DiT is its non-repeated parameters, the blocks not streamed and, when streaming, two
+slots per block list the size of the largest block. A plan fits when its peak is at most FIT_SHARE of the budget (room for the allocator's
 fragmentation and the CUDA context).
 """
 
@@ -63,6 +63,7 @@ class Footprint:
     denoise_activations: int
     decode_activations: int
     model_calls: int = 1  # DiT calls per generation (steps x CFG branches): how often streamed blocks move
+    dit_lists: int = 1  # repeated block lists (each streams through its own slots)
 
     @classmethod
     def from_checkpoint(cls, index: ModelIndex, cfg: EngineConfig) -> Footprint:
@@ -85,7 +86,7 @@ class Footprint:
                      TILED_DECODE_BYTES)
         calls = d.num_inference_steps * (2 if d.guidance in ("cfg", "true_cfg") else 1)
         return cls(text_encoders=encoders, vae=vae, dit_other=other * size, dit_blocks=sum(blocks.values()) * size,
-                   dit_block_max=max(blocks.values(), default=0) * size,
+                   dit_block_max=max(blocks.values(), default=0) * size, dit_lists=max(1, len(lists)),
                    denoise_activations=tokens * hidden * size * ACTIVATION_FACTOR, decode_activations=decode,
                    model_calls=calls)
 
@@ -111,7 +112,8 @@ class Plan:
 def plan_cost(fp: Footprint, text_encoder: bool, vae: bool, dit: float) -> Plan:
     """The peak (module docstring) and bytes moved per generation of one combination."""
     streamed = math.ceil(dit * fp.dit_blocks) if dit else 0
-    dit_resident = fp.dit_other + fp.dit_blocks - streamed + (SLOTS * fp.dit_block_max if dit else 0)
+    slots = SLOTS * fp.dit_block_max * fp.dit_lists if dit else 0
+    dit_resident = fp.dit_other + fp.dit_blocks - streamed + slots
     te_resident = 0 if text_encoder else fp.text_encoders
     vae_resident = 0 if vae else fp.vae
     peak = max(dit_resident + fp.text_encoders + vae_resident,
