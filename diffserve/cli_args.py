@@ -150,9 +150,9 @@ def step_cache_options(args: argparse.Namespace) -> dict[str, object]:
     return {"step_cache": StepCacheConfig(mode=args.step_cache, **{k: v for k, v in settings.items() if v is not None})}
 
 
-def _words(flag: str) -> set[str]:
-    """A flag's words without plural s: --num-inference-steps -> {num, inference, step}."""
-    return {w.rstrip("s") for w in re.split(r"[-_]", flag.lstrip("-")) if w}
+def _words(flag: str, plural: bool = False) -> set[str]:
+    """A flag's words without plural s: --num-inference-steps -> {num, inference, step} (`plural`: as typed)."""
+    return {w if plural else w.rstrip("s") for w in re.split(r"[-_]", flag.lstrip("-")) if w}
 
 
 def closest_flag(flag: str, known: list[str]) -> str | None:
@@ -160,8 +160,9 @@ def closest_flag(flag: str, known: list[str]) -> str | None:
     --num-inference-steps), else the closest spelling (--promt -> --prompt), else None."""
     words = _words(flag)
     by_words = [k for k in known if words and words <= _words(k)]
-    if by_words:
-        return min(by_words, key=len)
+    if by_words:  # those that hold the words as typed (plural s kept) first: --steps -> not --step-cache
+        typed = [k for k in by_words if _words(flag, plural=True) <= _words(k, plural=True)]
+        return min(typed or by_words, key=len)
     close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.7)
     return close[0] if close else None
 
