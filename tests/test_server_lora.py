@@ -33,7 +33,7 @@ from diffserve.lora import LoraSet, LoraSpec
 from diffserve.media import read_metadata
 from diffserve.models_catalog import card_for_folder
 from diffserve.server.messages import LoadLora, LoraLoaded, OutputSpec, Ready, WorkerConfig
-from diffserve.server.protocol import APIError
+from diffserve.server.protocol import APIError, ImageEditBody
 from diffserve.server.scheduler import Scheduler, WorkItem
 from diffserve.server.supervisor import WorkerSupervisor
 from diffserve.server.testing import assert_error, start_server, stub_app
@@ -261,6 +261,9 @@ def test_merged_server_refuses_other_sets_and_loads(tmp_path: Path) -> None:
     rt.supervisor.info.lora_mode = "unmerged"
     assert_error(http.post("/v1/loras", json={"path": "a.safetensors"}), 400, code="no_lora_dir")
     assert http.get("/v1/loras").json()["data"][0]["name"] == "style"
+    form = ImageEditBody.parse({"prompt": "x", "lora": "style:0.5, late"}, lax=True)  # a multipart field
+    assert form.lora_value() == ["style:0.5", "late"]
+    assert ImageEditBody.parse({"prompt": "x", "lora": ""}).lora_value() == []  # "": no LoRA
     assert "several comma-separated" in http.get("/docs").text  # the field is documented on /docs
 
 
