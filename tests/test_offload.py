@@ -303,8 +303,12 @@ def test_max_gpu_memory_from_a_real_repo(flux_repo) -> None:
     auto = dataclasses.replace(cfg, offload=OffloadConfig(max_gpu_memory="auto"))
     assert resolve_offload(auto, index) == auto  # auto on a CPU: nothing to save
     tight = dataclasses.replace(cfg, offload=OffloadConfig(max_gpu_memory=(fp.dit_other + fp.dit_blocks) / GIB))
-    got = resolve_offload(tight, index).offload
-    assert got.text_encoder and got.dit > 0
+    resolved = resolve_offload(tight, index)
+    assert resolved.offload.text_encoder and resolved.offload.dit > 0
+    # the budget holds the resident DiT but not the default request's untiled decode: tiling turns on
+    assert fp.decode_untiled > fp.dit_other + fp.dit_blocks and resolved.vae_tiling is True
+    roomy = dataclasses.replace(cfg, offload=OffloadConfig(max_gpu_memory=64))
+    assert resolve_offload(roomy, index).vae_tiling is None  # auto stays auto
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -61,9 +61,10 @@ class Footprint:
     dit_blocks: int  # the streamable parameters of all repeated blocks
     dit_block_max: int  # the largest block's streamable parameters
     denoise_activations: int
-    decode_activations: int
+    decode_activations: int  # a decode's peak as planned: the untiled one, or a tiled one where that is less
     model_calls: int = 1  # DiT calls per generation (steps x CFG branches): how often streamed blocks move
     dit_lists: int = 1  # repeated block lists (each streams through its own slots)
+    decode_untiled: int = 0  # the untiled decode's estimated peak
 
     @classmethod
     def from_checkpoint(cls, index: ModelIndex, cfg: EngineConfig) -> Footprint:
@@ -82,13 +83,12 @@ class Footprint:
         tokens = (((d.num_frames or 1) - 1) // 4 + 1) * (d.height // 16) * (d.width // 16) + d.max_sequence_length
         hidden = int(tconf.get("num_attention_heads", 1)) * int(tconf.get("attention_head_dim", 1))
         frames = d.num_frames or 1
-        decode = min(decode_bytes(256, min(frames, 4), d.height, d.width, torch.float32, output_frames=frames),
-                     TILED_DECODE_BYTES)
+        untiled = decode_bytes(256, min(frames, 4), d.height, d.width, torch.float32, output_frames=frames)
         calls = d.num_inference_steps * (2 if d.guidance in ("cfg", "true_cfg") else 1)
         return cls(text_encoders=encoders, vae=vae, dit_other=other * size, dit_blocks=sum(blocks.values()) * size,
                    dit_block_max=max(blocks.values(), default=0) * size, dit_lists=max(1, len(lists)),
-                   denoise_activations=tokens * hidden * size * ACTIVATION_FACTOR, decode_activations=decode,
-                   model_calls=calls)
+                   denoise_activations=tokens * hidden * size * ACTIVATION_FACTOR, decode_activations=min(untiled, TILED_DECODE_BYTES),
+                   model_calls=calls, decode_untiled=untiled)
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,18 @@ class Plan:
         return (", ".join(parts) or "nothing offloaded") + f" (estimated peak {self.peak / GIB:.1f} GiB)"
 
 
+def _streamed(fp: Footprint, dit: float) -> int:
+    return math.ceil(dit * fp.dit_blocks) if dit else 0
+
+
+def _dit_resident(fp: Footprint, dit: float) -> int:
+    slots = SLOTS * fp.dit_block_max * fp.dit_lists if dit else 0
+    return fp.dit_other + fp.dit_blocks - _streamed(fp, dit) + slots
+
+
 def plan_cost(fp: Footprint, text_encoder: bool, vae: bool, dit: float) -> Plan:
     """The peak (module docstring) and bytes moved per generation of one combination."""
-    streamed = math.ceil(dit * fp.dit_blocks) if dit else 0
-    slots = SLOTS * fp.dit_block_max * fp.dit_lists if dit else 0
-    dit_resident = fp.dit_other + fp.dit_blocks - streamed + slots
+    streamed, dit_resident = _streamed(fp, dit), _dit_resident(fp, dit)
     te_resident = 0 if text_encoder else fp.text_encoders
     vae_resident = 0 if vae else fp.vae
     peak = max(dit_resident + fp.text_encoders + vae_resident,
@@ -136,9 +143,18 @@ def choose_plan(fp: Footprint, budget: int, floor: OffloadConfig | None = None) 
     return min(fitting, key=lambda p: (p.moved, p.text_encoder + p.vae + p.dit))
 
 
+def untiled_decode_fits(fp: Footprint, plan: Plan, budget: int) -> bool:
+    """Whether the untiled decode of the default request fits FIT_SHARE x `budget` beside what the plan keeps
+    resident while decoding."""
+    te_resident = 0 if plan.text_encoder else fp.text_encoders
+    return _dit_resident(fp, plan.dit) + te_resident + fp.vae + fp.decode_untiled <= FIT_SHARE * budget
+
+
 def resolve_offload(cfg: EngineConfig, index: ModelIndex) -> EngineConfig:
     """The engine config with `--max-gpu-memory` turned into offloads (unchanged without it; "auto": the
-    card's total memory; on a CPU "auto" offloads nothing)."""
+    card's total memory; on a CPU "auto" offloads nothing). `--vae-tiling auto` becomes on when the untiled
+    decode would not fit the budget (auto alone looks at the card's free memory, which a budget below the
+    card's size does not limit)."""
     limit = cfg.offload.max_gpu_memory
     if limit is None or (limit == "auto" and cfg.device.type != "cuda"):
         return cfg
@@ -146,14 +162,19 @@ def resolve_offload(cfg: EngineConfig, index: ModelIndex) -> EngineConfig:
         budget = torch.cuda.get_device_properties(cfg.device).total_memory
     else:
         budget = int(float(limit) * GIB)
-    plan = choose_plan(Footprint.from_checkpoint(index, cfg), budget, cfg.offload)
+    fp = Footprint.from_checkpoint(index, cfg)
+    plan = choose_plan(fp, budget, cfg.offload)
     if plan.fits:
         log.info("--max-gpu-memory %s: %s", limit, plan.describe())
     else:
         log.warning("--max-gpu-memory %s: no plan fits the estimate; offloading everything: %s", limit,
                     plan.describe())
     off = dataclasses.replace(cfg.offload, text_encoder=plan.text_encoder, vae=plan.vae, dit=plan.dit)
-    return dataclasses.replace(cfg, offload=off)
+    tiling = cfg.vae_tiling
+    if tiling is None and not untiled_decode_fits(fp, plan, budget):
+        tiling = True
+        log.info("--max-gpu-memory %s: the VAE decodes tiled (the untiled decode would not fit)", limit)
+    return dataclasses.replace(cfg, offload=off, vae_tiling=tiling)
 
 
 # ----------------------------------------------------------------------------------------------------------
