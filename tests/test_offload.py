@@ -133,9 +133,10 @@ class Block(nn.Module):
         super().__init__()
         self.lin = nn.Linear(dim, dim)
         self.scale = nn.Parameter(torch.randn(dim))
+        self.register_buffer("shift", torch.randn(dim))  # streamed too (FP8 layers keep weights in buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.tanh(self.lin(x)) * self.scale
+        return x + torch.tanh(self.lin(x) + self.shift) * self.scale
 
 
 class Stack(nn.Module):
@@ -164,6 +165,7 @@ def test_block_stream_prefetches_in_cycle_and_keeps_identity() -> None:
     # block i's parameters are views of slot i mod 2, for good
     assert model.blocks[0].lin.weight.data_ptr() == model.blocks[2].lin.weight.data_ptr() \
         != model.blocks[1].lin.weight.data_ptr()
+    assert model.blocks[0].shift.data_ptr() == model.blocks[2].shift.data_ptr()
     assert sorted(n for n, _ in model.named_parameters()) == sorted(n for n, _ in Stack().named_parameters())
     with torch.no_grad():
         assert torch.equal(model(x), ref)

@@ -9,7 +9,7 @@ start-up transform):
   on the device for that stage (one asynchronous copy per tensor) and points them back at the host copies
   after it (no copy back: the weights never change).
 * Block streaming (`--dit-cpu-offload`): the DiT's repeated blocks (`REPEATED_BLOCKS`) keep their weights in
-  host memory. A few sets of device buffers ("slots") hold the blocks about to run: the parameters of block i
+  host memory. A few sets of device buffers ("slots") hold the blocks about to run: the tensors of block i
   *are* views of slot i mod S for good (assigned once), so they never change identity or address, and a
   block's weights are copied into its slot (`Tensor.copy_`) on a side CUDA stream while the previous block
   computes; events order the copy after the slot's previous reader and the block after its copy. Each
@@ -199,9 +199,11 @@ class BlockStream:
             self._fetch(j)
 
 
-def _streamed_params(block: nn.Module, keep: Sequence[str]) -> list[tuple[str, nn.Parameter]]:
-    """The block's parameters that stream: all but those under the submodules named in `keep`."""
-    return [(n, p) for n, p in block.named_parameters() if n.split(".", 1)[0] not in keep]
+def _streamed_params(block: nn.Module, keep: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
+    """The block's tensors that stream: its parameters and buffers (FP8 layers keep their weights in buffers),
+    all but those under the submodules named in `keep`."""
+    named = [*block.named_parameters(), *block.named_buffers()]
+    return [(n, t) for n, t in named if n.split(".", 1)[0] not in keep]
 
 
 class StreamedBlock(nn.Module):
