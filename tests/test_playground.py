@@ -166,6 +166,9 @@ def test_generates_an_image_and_keeps_it_in_history(servers: dict[str, ServerPro
     expect(page.get_by_label("Prompt", exact=True)).to_have_value(PROMPT)
     page.get_by_label("Remember the key in this browser").uncheck()
     assert _stored(page, STORED_KEY) is None
+    page.get_by_role("button", name="Clear history").click()
+    expect(page.locator("#history li")).to_have_count(0)
+    assert _history(page) is None
 
 
 def test_generates_a_video_with_progress(servers: dict[str, ServerProcess], page: Page) -> None:
@@ -196,6 +199,16 @@ def test_generates_a_video_with_progress(servers: dict[str, ServerProcess], page
     expect(page.locator("#result-image")).to_be_hidden()
     entry = _history(page)[0]
     assert entry["kind"] == "video" and entry["thumb"] is None and entry["params"]["num_frames"] == 5
+
+    # Cancel deletes the running job on the server (250 steps: under the cost ceiling, many seconds long).
+    page.get_by_label("Steps").fill("250")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_role("status")).to_contain_text("Generating")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_role("status")).to_have_text("Cancelled.")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    jobs = httpx.get(server.url + "/v1/videos", headers=server.headers).json()["data"]
+    assert [j["status"] for j in jobs] == ["completed"] and len(_history(page)) == 1
 
 
 def test_shows_the_api_error_messages(servers: dict[str, ServerProcess], page: Page) -> None:
