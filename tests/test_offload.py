@@ -381,6 +381,9 @@ def test_parallel_engine_passes_memory_options_to_the_ranks(flux_repo, monkeypat
     with pytest.raises(Captured):
         ranks.RankRuntime.build(spec, torch.device("cpu"))
     assert configs[0].offload == spec.offload and configs[0].vae_tiling is False
+    with pytest.raises(UserError, match="--dit-cpu-offload does not combine"):  # before any process starts
+        Engine.from_pretrained(str(flux_repo), device="cpu", parallel=ParallelConfig(num_gpus=2, ulysses_degree=2),
+                               dit_cpu_offload=True, lora_mode="unmerged")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from diffserve.config import (
     parse_dtype,
 )
 from diffserve.engine.engine import GenerateAPI, GenerationResult
+from diffserve.engine.offload import check_offload
 from diffserve.engine.ranks import (
     Front,
     RankRuntime,
@@ -259,6 +260,7 @@ class ParallelEngine(GenerateAPI):
                               vae_tiling=vae_tiling, offload=spec.offload,
                               step_cache=spec.step_cache,
                               fp8=fp8)
+        check_offload(config)  # one line here, before any process starts
         if env is None:
             return cls(_SpawnedWorld(spec), config)
         return cls(_join_torchrun(spec, env), config)
