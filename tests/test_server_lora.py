@@ -267,6 +267,30 @@ def test_merged_server_refuses_other_sets_and_loads(tmp_path: Path) -> None:
     assert "several comma-separated" in http.get("/docs").text  # the field is documented on /docs
 
 
+def test_multipart_lora_as_the_sdk_sends_it(tmp_path: Path) -> None:
+    """images.edit is multipart: lora as strings ("lora[]" fields, or one comma-separated field); a list of
+    objects, which the SDK flattens into lora[][name] / lora[][scale] fields grouped by key, is a 400."""
+    edit_model = ModelDefaults(kind="image", height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                               accepts_image=True)
+    http, rt, items = stub_app(tmp_path, edit_model)
+    loaded = [{"name": n, "path": f"/x/{n}", "scale": 1.0, "default": False} for n in ("style", "late")]
+    rt.supervisor.info = Ready(defaults=edit_model, pipeline_class="Stub", device="cpu", dtype="float32", pid=0,
+                               loras=loaded, lora_mode="unmerged")
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http, max_retries=0)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    image = ("a.png", buf.getvalue(), "image/png")
+    for lora, expected in ((["style:0.5", "late"], {"style": 0.5, "late": 1.0}),
+                           ("style:0.25,late", {"style": 0.25, "late": 1.0}), ("", {})):
+        client.images.edit(image=image, prompt="x", size="32x32", extra_body={"lora": lora})
+        assert items[-1].request.lora == LoraSet.parse(expected), lora
+    with pytest.raises(openai.BadRequestError, match="as strings"):  # lora[][name]=...: ambiguous in a form
+        client.images.edit(image=image, prompt="x", extra_body={"lora": [{"name": "style", "scale": 0.5}]})
+    r = http.post("/v1/images/edits", data={"prompt": "x", "lora": "style", "lora[]": "late"},
+                  files={"image": image})
+    assert_error(r, 400, param="lora")
+
+
 def test_metadata_is_written_unless_switched_off() -> None:
     """The worker's batch runner encodes PNGs and MP4s with the result's metadata (and the LoRA set), and
     without it under --no-metadata."""

@@ -83,10 +83,24 @@ async def read_json(request: Request) -> Any:
                             "multipart/form-data for uploads.") from None
 
 
+def _form_list(fields: dict[str, Any], name: str) -> list[Any]:
+    items = fields.setdefault(name, [])
+    if not isinstance(items, list):
+        raise APIError(400, f"form field {name!r} is given both as a list and otherwise", param=name)
+    return items
+
+
 def _set_field(fields: dict[str, Any], key: str, value: str) -> None:
-    """Store form field `key` in `fields`, unfolding OpenAI SDK keys ``a[b]`` (nested) and ``a[]`` (lists)."""
+    """Store form field `key` in `fields`, unfolding OpenAI SDK keys ``a[b]`` (nested) and ``a[]`` (lists).
+    A list of objects (``a[][b]``) is refused: the SDK groups a form's values by key, so which value belongs to
+    which object is lost."""
     if key.endswith("[]"):
-        fields.setdefault(key[:-2], []).append(value)
+        _form_list(fields, key[:-2]).append(value)
+    elif "[][" in key:
+        outer = key.split("[", 1)[0]
+        raise APIError(400, f"form field {key!r}: a list of objects cannot be sent in a multipart form (the order "
+                            f"of its values is lost); give {outer} as strings (e.g. for lora \"name:scale\")",
+                       param=outer)
     elif "[" in key and key.endswith("]"):
         outer, inner = key[:-1].split("[", 1)
         nested = fields.setdefault(outer, {})

@@ -162,8 +162,9 @@ LORA_FIELD_HELP = (
     "LoRA adapters to run with, from those the server has loaded (GET /v1/loras): a list of "
     '{"name": NAME, "scale": SCALE} objects (scale optional, default 1.0) or "NAME[:SCALE]" strings, e.g. '
     '[{"name": "style", "scale": 0.8}] or ["style:0.8", "detail"]; or one string, several comma-separated '
-    '("style:0.8,detail": the form of multipart bodies). Left out: the server\'s start-up set (--lora-path); '
-    '[] or "": none. With --lora-mode merged only the start-up set can be asked for.')
+    '("style:0.8,detail"). Multipart bodies (edits, video uploads) take the strings only. Left out: the '
+    'server\'s start-up set (--lora-path); [] or "": none. With --lora-mode merged only the start-up set can '
+    'be asked for.')
 
 
 class LoraEntry(_Body):
