@@ -33,6 +33,7 @@ KEY = "sk-playground"
 PROMPT = "a large red circle in the top left on a white background"
 HISTORY = "diffserve.playground.history"
 STORED_KEY = "diffserve.playground.key"
+HISTORY_SIZE = 12  # entries the page keeps (app.js)
 expect.set_options(timeout=30_000)  # generous: CI machines are slow and shared
 
 
@@ -107,7 +108,8 @@ def test_page_and_assets_need_no_key_and_are_cached(servers: dict[str, ServerPro
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(media_type)
         assert asset.headers["cache-control"] == "public, max-age=31536000, immutable"
         assert httpx.get(f"{url}/playground/{name}", params={"v": "old"}).headers["cache-control"] == "no-cache"
-    assert httpx.get(url + "/playground/../app.py").status_code == 404
+    for other in ("index.html", "..%2Fplayground.py", "%2E%2E%2F%2E%2E%2Fapp.py"):  # only the two assets
+        assert httpx.get(f"{url}/playground/{other}").status_code == 404
     assert httpx.get(url + "/v1/models").status_code == 401  # the API still needs the key
     # --no-playground reaches the app: no page.
     args = add_serve_parser(_subparsers()).parse_args(["--no-playground"])
@@ -239,7 +241,7 @@ I2V = ModelDefaults(kind="video", height=64, width=64, num_inference_steps=20, g
                     size_from_image_rounding="floor")
 
 
-def _stub_server(tmp_path: Path, defaults: ModelDefaults) -> tuple[ThreadedServer, list]:
+def _stub_server(tmp_path: Path, defaults: ModelDefaults) -> tuple[ThreadedServer, Any, list]:
     """The real app over a stub worker that answers a green PNG (images) or a 3-frame MP4 (videos)."""
     from diffserve.media import encode_image, encode_video
 
@@ -258,7 +260,30 @@ def _stub_server(tmp_path: Path, defaults: ModelDefaults) -> tuple[ThreadedServe
     rt.submit = submit  # type: ignore[method-assign]
     from diffserve.server.app import create_app
 
-    return ThreadedServer(create_app(rt)), items
+    return ThreadedServer(create_app(rt)), rt, items
+
+
+def test_waits_for_a_loading_model_and_caps_the_history(page: Page, tmp_path: Path) -> None:
+    server, rt, _ = _stub_server(tmp_path, EDIT)
+    info, rt.supervisor.info, rt.supervisor.state = rt.supervisor.info, None, "loading"
+    with server:
+        page.goto(server.url)
+        old = [{"kind": "image", "model": "old", "created": i, "params": {"prompt": f"old {i}", "seed": i},
+                "thumb": None} for i in range(HISTORY_SIZE)]
+        page.evaluate("([name, entries]) => localStorage.setItem(name, JSON.stringify(entries))", [HISTORY, old])
+        _connect(page, server)
+        expect(page.locator("#model-info")).to_contain_text("the model is loading")
+        expect(page.get_by_role("button", name="Generate")).to_be_disabled()
+        expect(page.locator("#history li")).to_have_count(HISTORY_SIZE)
+        rt.supervisor.info, rt.supervisor.state = info, "ready"
+        expect(page.locator("#model-info")).to_contain_text("image editing model")  # retried by itself
+        page.get_by_label("Prompt", exact=True).fill("new")
+        _upload(page, tmp_path)
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_role("status")).to_contain_text("Done")
+    history = _history(page)
+    assert len(history) == HISTORY_SIZE and history[0]["params"]["prompt"] == "new"
+    assert [e["params"]["prompt"] for e in history[1:]] == [f"old {i}" for i in range(HISTORY_SIZE - 1)]
 
 
 def _upload(page: Page, tmp_path: Path) -> None:
@@ -268,7 +293,7 @@ def _upload(page: Page, tmp_path: Path) -> None:
 
 
 def test_edit_and_image_to_video_upload_the_input_image(page: Page, tmp_path: Path) -> None:
-    server, items = _stub_server(tmp_path / "edit", EDIT)
+    server, _, items = _stub_server(tmp_path / "edit", EDIT)
     with server:
         _connect(page, server)
         expect(page.locator("#model-info")).to_contain_text("image editing model")
@@ -287,7 +312,7 @@ def test_edit_and_image_to_video_upload_the_input_image(page: Page, tmp_path: Pa
     # No size sent: the model's size for the input's aspect ratio.
     assert (request.width, request.height) == size_for_aspect(EDIT.size_from_image_area, 2.0, EDIT.size_multiple)
 
-    server, items = _stub_server(tmp_path / "i2v", I2V)
+    server, _, items = _stub_server(tmp_path / "i2v", I2V)
     with server:
         _connect(page, server)
         expect(page.locator("#model-info")).to_contain_text("video model")
