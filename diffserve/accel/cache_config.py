@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from diffserve.errors import InvalidRequestError, UserError
 
 CACHE_MODES = ("none", "fbcache")
-# Chosen on the embedded trained models by issue 15's rule (checker pass rate drops by at most 5 points;
-# BENCHMARKS.md, "Step cache on the embedded trained models").
-DEFAULT_THRESHOLD = 0.08
+# Chosen on the embedded trained models by issue 15's rule (checker pass rate drops by at most 5 points):
+# up to 0.2 kept both models' pass rates over 64 held-out video prompts (0.2 lost 6 points on the first 32 of
+# them), 0.3 lost 16 points; 0.12 keeps a margin (BENCHMARKS.md, "Step cache on the embedded trained models").
+DEFAULT_THRESHOLD = 0.12
 MAX_THRESHOLD = 10.0  # relative L1 can exceed 1; useful values are about 0.03-0.3
 MAX_WARMUP = 1000
 MAX_SKIP = 1000
