@@ -92,8 +92,8 @@ def test_flux_offloaded_equals_on_device(flux_all: Engine, flux_ref: np.ndarray)
 
 
 def test_streaming_through_one_slot_recopies_every_block(flux_base: Engine, flux_ref: np.ndarray) -> None:
-    """One slot for two blocks: every call copies its block in, and the output is still exact. Applied to the
-    module-scoped base engine last in this file's FLUX tests that use it unchanged."""
+    """One slot for two blocks: every call copies its block in, and the output is still exact. (This streams
+    the module-scoped base engine's blocks; the tests after it read only its weights' shapes.)"""
     t = flux_base.pipeline.components.transformer
     streams = stream_blocks(t, torch.device("cpu"), 1.0, slots=1)
     assert [len(s.slots) for s in streams] == [1, 1]
