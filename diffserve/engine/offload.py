@@ -160,7 +160,7 @@ class BlockStream:
             for (_, p), buf in zip(self.params[i], self.slots[self.slot_of[i]], strict=True):
                 p.data = buf  # for good: block i's parameters are slot i mod S
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ready = [torch.cuda.Event() if self.copy_stream else None for _ in self.slots]
+        self.ready = [torch.cuda.Event() if self.copy_stream is not None else None for _ in self.slots]
         self.copies = 0  # blocks copied in (for tests and reports)
 
     @property
