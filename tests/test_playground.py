@@ -190,7 +190,7 @@ def test_generates_a_video_with_progress(servers: dict[str, ServerProcess], page
     expect(page.get_by_role("status")).to_contain_text("Done")
     seen = page.evaluate("window.progressSeen")
     assert seen[-1] == 100 and seen == sorted(seen), seen
-    video = page.locator("#result-video")
+    video = page.get_by_label("generated video: a large blue square moving to the right on a black background")
     expect(video).to_be_visible()
     src, ready, error, width, duration = video.evaluate(
         "v => [v.src, v.readyState, v.error, v.videoWidth, v.duration]")

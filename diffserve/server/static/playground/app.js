@@ -203,10 +203,15 @@ const sleep = (ms, signal) => new Promise((resolve, reject) => {
 
 async function generateVideo(params, file, signal) {
   const body = { ...params, model: model.id };
+  // Not aborted midway: a job created meanwhile would run unseen. Cancelled before its id came, it is deleted here.
   let job = file
-    ? await api("/v1/videos", { method: "POST", form: formData(body, "input_reference", file), signal })
-    : await api("/v1/videos", { method: "POST", json: body, signal });
+    ? await api("/v1/videos", { method: "POST", form: formData(body, "input_reference", file) })
+    : await api("/v1/videos", { method: "POST", json: body });
   running.videoId = job.id;
+  if (signal.aborted) {
+    await api(`/v1/videos/${job.id}`, { method: "DELETE" }).catch(() => {});
+    throw signal.reason;
+  }
   while (job.status === "queued" || job.status === "in_progress") {
     setProgress(job.progress);
     setStatus(job.status === "queued" ? "Queued…" : `Generating… ${job.progress}%`);
@@ -309,6 +314,7 @@ async function showResult(out, entry) {
   $("result").hidden = false;
   if (isVideo) {
     image.removeAttribute("src");
+    video.setAttribute("aria-label", `generated video: ${entry.params.prompt}`);
     const ready = loaded(video, "loadeddata");
     video.src = resultUrl;
     video.play().catch(() => {}); // autoplay may be refused; the controls remain
