@@ -242,7 +242,7 @@ async function generate(event) {
   }
   const file = $("image").disabled ? null : $("image").files[0] || null;
   const video = model.kind === "video";
-  running = { controller: new AbortController(), videoId: null };
+  running = { controller: new AbortController(), videoId: null, cancelled: false };
   $("generate").disabled = true;
   $("cancel").disabled = false;
   setProgress(video ? 0 : null);
@@ -260,7 +260,7 @@ async function generate(event) {
     await remember(entry, video ? null : $("result-image"));
   } catch (e) {
     setProgress(0);
-    if (e.name === "AbortError" || running.controller.signal.aborted) {
+    if (e.name === "AbortError" || running.cancelled) {
       setStatus("Cancelled.");
     } else {
       setStatus("");
@@ -274,13 +274,16 @@ async function generate(event) {
 }
 
 async function cancel() {
-  if (!running) return;
+  if (!running || running.cancelled) return;
+  running.cancelled = true; // what fails from now on (the job's polls: 404) is the cancellation
+  $("cancel").disabled = true;
+  setStatus("Cancelling…");
   const { controller, videoId } = running;
-  controller.abort(new DOMException("cancelled", "AbortError"));
   if (videoId) {
     // A job that was queued or running stops on the server too; one already finished is just forgotten.
     try { await api(`/v1/videos/${videoId}`, { method: "DELETE" }); } catch { /* gone already */ }
   }
+  controller.abort(new DOMException("cancelled", "AbortError"));
 }
 
 // ---- result and history ----------------------------------------------------------------------------------
