@@ -6,5 +6,6 @@ queue and feeds them to the model worker, a separate spawned process that owns t
 relaying progress and results back and restarting the worker if it dies or stalls (`watchdog`: heartbeats,
 batch deadlines). Video jobs live in `jobs` (SQLite, surviving restarts), output files in `outputs` (the one
 place they are written; TTL and quota), metrics in `metrics`, request bodies, text checks and the error shape
-in `protocol`, input images in `inputs`, the CLI in `cli`.
+in `protocol`, input images in `inputs`, the web playground at ``/`` in `playground` (its page, script and
+style in ``static/playground``), the CLI in `cli`.
 """
