@@ -221,13 +221,21 @@ def test_cli_flags(flux_dev_repo: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert re.search(r"step cache: 50% of the model calls reused it", capsys.readouterr().err)
 
 
-def test_server_body_takes_cache_threshold() -> None:
-    from diffserve.server.protocol import APIError, ImageGenerationBody, VideoCreateBody
+def test_server_request_carries_cache_threshold_to_the_worker(tmp_path: Path) -> None:
+    """The real app over a stub worker: `cache_threshold` in the body (OpenAI's extra_body) is validated and
+    reaches the work item the worker runs."""
+    from diffserve.config import ModelDefaults
+    from diffserve.server.messages import WorkerConfig
+    from diffserve.server.testing import stub_app
 
-    assert ImageGenerationBody.parse({"prompt": "a", "cache_threshold": 0.1}).cache_threshold == 0.1
-    assert VideoCreateBody.parse({"prompt": "a", "cache_threshold": 0}).cache_threshold == 0
-    with pytest.raises(APIError, match="cache_threshold"):
-        ImageGenerationBody.parse({"prompt": "a", "cache_threshold": "high"})
+    http, _, items = stub_app(tmp_path, ModelDefaults(kind="image", height=64, width=64, num_inference_steps=4,
+                                                      guidance_scale=0.0))
+    ok = http.post("/v1/images/generations", json={"prompt": "a fox", "cache_threshold": 0.2})
+    assert ok.status_code == 200 and items[-1].request.cache_threshold == 0.2
+    for bad in (20, "high"):
+        r = http.post("/v1/images/generations", json={"prompt": "a fox", "cache_threshold": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_threshold", r.text
+    assert WorkerConfig("m", step_cache=CACHE).step_cache == CACHE  # what the worker builds its engine with
 
 
 # ----------------------------------------------------------------------------------------------------------
