@@ -3,9 +3,10 @@
     python -m tools.playground_screenshot                      # writes docs/img/playground.png
     python -m tools.playground_screenshot --out /tmp/pg.png
 
-Starts `diffserve serve` on the embedded image model (CPU, with an API key), opens the page in headless
-Chromium (Debian's chromium, as the tests do), generates a few pictures through the form so the history has
-thumbnails, and saves the whole page reduced to a 256-colour palette (the page is flat colours: a small file).
+Starts `diffserve serve` on the embedded image model (CPU, with an API key) and warms it with one request,
+opens the page in headless Chromium (Debian's chromium, as the tests do), generates a few pictures through the
+form so the history has thumbnails, and saves the whole page reduced to a 256-colour palette (the page is flat
+colours: a small file). Run it on a quiet machine: the status line shows the generation's wall time.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import httpx
 from PIL import Image
 
 from diffserve.server.testing import launch_chromium, start_server
@@ -33,6 +35,9 @@ def take(out: Path, width: int = 1100, height: int = 800) -> None:
         server = start_server("embedded:image", Path(tmp), api_key=KEY, args=("--device", "cpu", "--log-level",
                                                                               "warning"))
         try:
+            # One request first: the worker's first batch is slower (one-time set-up), not what the page shows.
+            httpx.post(f"{server.url}/v1/images/generations", headers=server.headers, timeout=120,
+                       json={"prompt": SHOTS[0][0], "seed": 0}).raise_for_status()
             with sync_playwright() as playwright:
                 browser = launch_chromium(playwright)
                 page = browser.new_page(viewport={"width": width, "height": height})
