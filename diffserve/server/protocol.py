@@ -9,7 +9,8 @@ Extensions accepted in the same body as OpenAI's fields (all optional; the model
 ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale`` (HunyuanVideo's true CFG;
 Qwen-Image's guidance_scale under diffusers' name; other models answer 400), ``seed``; videos also
 ``num_frames`` (4k+1, overrides ``seconds``) and ``fps``.
-``lora`` (every body): the LoRA adapters to run with (`LORA_FIELD_HELP`).
+``lora`` (every body): the LoRA adapters to run with (`LORA_FIELD_HELP`). ``cache_threshold`` (every body): the
+step-cache threshold of this request, 0-10 (0: off), on servers started with ``--step-cache``.
 """
 
 from __future__ import annotations
