@@ -72,7 +72,8 @@ def run_engine(name: str, args: argparse.Namespace, reference: np.ndarray | None
     dev = torch.device(args.device)
     w = WORKLOADS[args.workload]
     steps = args.steps or w.steps
-    cache = StepCacheConfig(mode="fbcache", threshold=0.1) if cached else StepCacheConfig()
+    cache = (StepCacheConfig(mode="fbcache", threshold=0.1, max_skip=args.max_skip) if cached
+             else StepCacheConfig())
     t0 = time.perf_counter()
     engine = Engine(EngineConfig(model_path=str(args.repo), dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
                                  device=dev, attention_backend=backend, compile=dev.type == "cuda", fp8=fp8,
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None, help="bench_e2e.py report with a diffusers run")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-skip", type=int, default=3, help="the cache's cap on cached steps in a row")
     ap.add_argument("--skip-zero-cache", action="store_true", help="no threshold-0 run on the cache engine")
     ap.add_argument("--backend", default=None, help="override every engine's attention backend (CPU: sdpa)")
     args = ap.parse_args()

@@ -15,8 +15,8 @@ if [ "$which" = flux ]; then
   [ -f $repo/model_index.json ] || python3 -m diffserve.testing.fixtures flux-dev $repo --scale full --device cuda --dtype bf16 > /dev/null 2>&1
   timeout 150 python3 benchmarks/bench_e2e.py flux-dev-1024 --repo $repo --out $OUT/base.json --no-roofline \
     --no-sync-count --engines diffusers 2>&1 | quiet
-  timeout 400 python3 benchmarks/lossy_sweep.py flux-dev-1024 --repo $repo --engines plain,cache,fp8,fp8attn,sage \
-    --thresholds ${THR:-0.05,0.1,0.2,0.4} --baseline $OUT/base.json --out $OUT/flux_sweep.json 2>&1 | quiet
+  timeout 400 python3 benchmarks/lossy_sweep.py flux-dev-1024 --repo $repo --engines ${ENGINES:-plain,cache,fp8,fp8attn,sage} \
+    --thresholds ${THR:-0.05,0.1,0.2,0.4} --max-skip ${MAX_SKIP:-3} ${SWEEP_ARGS:-} --baseline $OUT/base.json --out $OUT/flux_sweep.json 2>&1 | quiet
 else
   repo=/tmp/wan13
   [ -f $repo/model_index.json ] || python3 -m diffserve.testing.fixtures wan-t2v $repo --scale full --device cuda --dtype bf16 > /dev/null 2>&1
