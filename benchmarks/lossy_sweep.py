@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import WORKLOADS, request_params  # noqa: E402
+from bench_e2e import WORKLOADS, request_params
 
-from diffserve import Engine  # noqa: E402
-from diffserve.accel.cache_config import StepCacheConfig  # noqa: E402
-from diffserve.accel.fidelity import psnr, ssim  # noqa: E402
-from diffserve.config import EngineConfig  # noqa: E402
+from diffserve import Engine
+from diffserve.accel.cache_config import StepCacheConfig
+from diffserve.accel.fidelity import psnr, ssim
+from diffserve.config import EngineConfig
 
 ENGINES = {  # name -> (attention backend, fp8 mode, step cache installed)
     "plain": ("fa3", "off", False),
