@@ -22,6 +22,6 @@ else
   [ -f $repo/model_index.json ] || python3 -m diffserve.testing.fixtures wan-t2v $repo --scale full --device cuda --dtype bf16 > /dev/null 2>&1
   timeout 100 python3 benchmarks/bench_e2e.py wan-1.3b-480p --repo $repo --steps 4 --out $OUT/base.json --no-roofline \
     --no-sync-count --engines diffusers 2>&1 | quiet
-  timeout 420 python3 benchmarks/lossy_sweep.py wan-1.3b-480p --repo $repo --engines plain,cache,fp8 --skip-zero-cache \
-    --thresholds ${THR:-0.1,0.2} --baseline $OUT/base.json --out $OUT/wan_sweep.json 2>&1 | quiet
+  timeout 420 python3 benchmarks/lossy_sweep.py wan-1.3b-480p --repo $repo --engines ${ENGINES:-plain,cache,fp8} --skip-zero-cache \
+    --thresholds ${THR:-0.1,0.2} --max-skip ${MAX_SKIP:-3} --baseline $OUT/base.json --out $OUT/wan_sweep.json 2>&1 | quiet
 fi
