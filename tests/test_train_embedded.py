@@ -24,7 +24,7 @@ def test_train_resume_load_generate(tmp_path: Path) -> None:
 
     out = tmp_path / "run"
     common = ["--out", str(out), "--preset", "tiny", "--device", "cpu", "--workers", "1", "--log-every", "5"]
-    assert image.main([*common, "--minutes", "0.2", "--eval-images", "0", "--reserve-seconds", "0"]) == 0
+    assert image.main([*common, "--minutes", "0.12", "--eval-images", "0", "--reserve-seconds", "0"]) == 0
     first = _progress(out)
     assert first["phase"] == "dit" and first["vae_step"] > 0 and first["dit_step"] > 0
     assert first["config"]["t5_length"] in (32, 64, 128, 256)  # chosen from the captions
@@ -32,7 +32,7 @@ def test_train_resume_load_generate(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # an existing run is never silently overwritten
         image.main([*common, "--minutes", "0.1"])
 
-    assert image.main([*common, "--minutes", "0.15", "--resume", "--eval-images", "2", "--reserve-seconds", "4"]) == 0
+    assert image.main([*common, "--minutes", "0.1", "--resume", "--eval-images", "2", "--reserve-seconds", "4"]) == 0
     second = _progress(out)
     assert second["vae_step"] == first["vae_step"]  # the VAE phase is over and stays so
     assert second["dit_step"] > first["dit_step"] and second["next_chunk"] > first["next_chunk"]
