@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fa3_check import median_ms
 
 from diffserve.layers.attention import (
     fa3_attention,
@@ -50,28 +54,6 @@ LINEARS = [("FLUX qkv fused", 4608, 3072, 9216), ("FLUX mlp up", 4608, 3072, 122
            ("Wan1.3B ffn down", 32760, 8960, 1536)]
 # (name, B, L, H, D)
 ATTENTION = [("FLUX.1 1024^2", 1, 4608, 24, 128), ("Wan2.1-1.3B 480p", 1, 32760, 12, 128)]
-
-
-def median_ms(fn: Callable[[], object], samples: int = 15, target_ms: float = 5.0) -> float:
-    """Median milliseconds per call over `samples` runs of several back-to-back calls between CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(1, int(target_ms / max(start.elapsed_time(end), 1e-3)))
-    times = []
-    for _ in range(samples):
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
