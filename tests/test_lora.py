@@ -250,6 +250,12 @@ def test_flux_unmerged_switches_per_request(flux: dict, flux_unmerged: Engine) -
     base = Engine.from_pretrained(flux["repo"], dtype="fp32", device="cpu")
     assert np.array_equal(got["base"], pixels(base, **FLUX_P))  # no active adapter: the plain layers exactly
     assert engine.loras.default_set == LoraSet((("a", 0.8), ("b", 0.5)))
+    # the set each result ran with is in its metadata (PNG text chunks, MP4 tags): the start-up set, or the
+    # request's, and no entry without one
+    results = engine.generate_batch([GenerationRequest(prompt=PROMPT, seed=SEED, **FLUX_P)])
+    assert results[0].metadata["lora"] == "a:0.8,b:0.5"
+    results = engine.generate_batch([GenerationRequest(prompt=PROMPT, seed=SEED, lora=[], **FLUX_P)])
+    assert "lora" not in results[0].metadata
 
 
 def test_flux_fused_merged_stack_matches_diffusers(flux: dict) -> None:

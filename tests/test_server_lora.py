@@ -306,8 +306,8 @@ def test_metadata_is_written_unless_switched_off() -> None:
 
     class Fake:
         def generate_batch(self, requests, **_):
-            video = GenerationResult(request=req, videos=[frames], model="m")
-            image = GenerationResult(request=req.replace(num_frames=None, fps=None), model="m",
+            video = GenerationResult(request=req, videos=[frames], model="m", lora="style:0.5")
+            image = GenerationResult(request=req.replace(num_frames=None, fps=None), model="m", lora="style:0.5",
                                      images=[Image.new("RGB", (16, 16))])
             return [video, image]
 

@@ -45,6 +45,7 @@ class GenerationResult:
     peak_memory_bytes: int | None = None  # CUDA peak allocated on GPU; peak RSS of the process on CPU
     cache_hit_fraction: float | None = None  # model calls that reused the step cache (None: cache off)
     model: str | None = None  # the model's name (hub id or folder name), recorded by `save`
+    lora: str | None = None  # the LoRA set it ran with ("name:scale,..."; None: no LoRA), recorded by `save`
 
     @property
     def seed(self) -> int:
@@ -57,10 +58,11 @@ class GenerationResult:
     @property
     def metadata(self) -> dict[str, str]:
         """What `save` writes into the files: prompt, negative prompt, seed, steps, guidance, size, model
-        (frames and fps for videos)."""
+        (frames and fps for videos), and the LoRA set when there was one."""
         from diffserve.media import generation_metadata
 
-        return generation_metadata(self.request, self.model)
+        meta = generation_metadata(self.request, self.model)
+        return meta | {"lora": self.lora} if self.lora else meta
 
     def save(self, path: str | os.PathLike[str], *, format: str | None = None, metadata: bool = True,
              quality: int = 95) -> list[Path]:
@@ -308,7 +310,8 @@ class LocalEngine(GenerateAPI):
         dev = self.config.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        self.loras.activate(self.batch_lora(list(requests)))
+        lora_set = self.batch_lora(list(requests))
+        self.loras.activate(lora_set)
         self.check_cache_requests(requests)
         state = PipelineState(requests=list(requests), device=dev, dtype=self.config.dtype,
                               on_step=on_step, should_stop=should_stop)
@@ -323,7 +326,8 @@ class LocalEngine(GenerateAPI):
             px = state.pixels[offset: offset + req.num_outputs]
             offset += req.num_outputs
             res = GenerationResult(request=req, timings=dict(timings), peak_memory_bytes=peak, model=self.model_name,
-                                   cache_hit_fraction=state.cache_hit_fraction)
+                                   cache_hit_fraction=state.cache_hit_fraction,
+                                   lora=str(lora_set) if lora_set else None)
             if px.ndim == 5:
                 res.videos = to_video_frames(px)
             else:

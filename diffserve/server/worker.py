@@ -234,13 +234,9 @@ class BatchRunner:
 
 
 def output_metadata(res: object) -> dict[str, str]:
-    """What the server writes into an output file: the result's generation metadata (as `diffserve generate`
-    writes), plus the LoRA set it ran with when it had one ("name:scale,...")."""
-    meta = dict(res.metadata)  # type: ignore[attr-defined]
-    lora = getattr(res.request, "lora", None)  # type: ignore[attr-defined]
-    if lora:
-        meta["lora"] = str(lora)
-    return meta
+    """What the server writes into an output file: the result's generation metadata, as `diffserve generate`
+    writes it (the LoRA set it ran with included, "name:scale,...")."""
+    return dict(res.metadata)  # type: ignore[attr-defined]
 
 
 def load_lora(engine: object, msg: LoadLora) -> LoraLoaded:
