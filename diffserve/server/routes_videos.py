@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 from concurrent.futures import Future
 from typing import Any, Literal
 
@@ -153,7 +154,10 @@ async def create_video(request: Request) -> dict[str, Any]:
     except APIError:
         rt.jobs.remove(job_id)
         raise
-    item.future.add_done_callback(lambda f: _job_done(rt, job_id, f))
+    # the MP4 is written off the thread that completes the future (the supervisor's: a slow object store
+    # must not hold up the next batch); not a daemon, so an exiting server finishes the write first
+    item.future.add_done_callback(lambda f: threading.Thread(target=_job_done, args=(rt, job_id, f),
+                                                             name=f"output-{job_id}").start())
     return job.to_api()
 
 
