@@ -5,17 +5,14 @@
 # allocated when it started). Appends rows to BENCHMARKS.md, copied to $OUT.
 set -uo pipefail
 which=${1:-flux}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
-filter() { grep -v -i "warn\|Loading\|USDT\|deprecat" | tee -a $OUT/$which.log | grep '^{"engine"\|failed\|Error\|error' ; }
+source benchmarks/gpu/setup.sh
 if [ "$which" = flux ]; then
   python3 -m diffserve.testing.fixtures flux-dev /tmp/flux-dev --scale full --device cuda --dtype bf16 > /dev/null 2>&1
   timeout 560 python3 benchmarks/bench_e2e.py flux-dev-1024 --repo /tmp/flux-dev --out $OUT/flux.json \
-    --benchmarks BENCHMARKS.md --engines "diffusers,diffserve+compile[fa3],diffserve+compile[cudnn],diffusers+compile" 2>&1 | filter
+    --benchmarks BENCHMARKS.md --engines "diffusers,diffserve+compile[fa3],diffserve+compile[cudnn],diffusers+compile" 2>&1 | rows $which
 else
   python3 -m diffserve.testing.fixtures wan-t2v /tmp/wan13 --scale full --device cuda --dtype bf16 > /dev/null 2>&1
   timeout 560 python3 benchmarks/bench_e2e.py wan-1.3b-480p --repo /tmp/wan13 --steps 4 --out $OUT/wan.json \
-    --benchmarks BENCHMARKS.md --engines "diffusers,diffserve+compile+vaebf16[fa3],diffserve+compile+vaebf16[cudnn],diffusers+compile" 2>&1 | filter
+    --benchmarks BENCHMARKS.md --engines "diffusers,diffserve+compile+vaebf16[fa3],diffserve+compile+vaebf16[cudnn],diffusers+compile" 2>&1 | rows $which
 fi
 cp BENCHMARKS.md $OUT/
