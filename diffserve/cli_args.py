@@ -46,9 +46,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                                       "on long sequences, not under --ring-degree > 1")
     g.add_argument("--fp8", choices=("off", "linear", "attention", "all"), default="off",
                    help="lossy FP8 (e4m3) compute, off by default: linear = the transformer blocks' matrix "
-                        "multiplies with FP8 weights and per-token FP8 activations (about 2x GEMM throughput; "
-                        "relative error of a layer ~4%%), attention = FlashAttention 3's FP8 kernels (needs "
-                        "--attention-backend fa3), all = both. Needs a GPU with FP8 (compute capability 8.9+) "
+                        "multiplies with FP8 weights and per-token FP8 activations (relative error of a layer "
+                        "~4%%; measured on one H100 with --compile: FLUX.1-dev 1.28x faster per step at PSNR 47.9 "
+                        "dB against the bf16 output, 8 GiB less memory; Wan2.1-1.3B only 1.04x, its step being "
+                        "attention-bound), attention = FlashAttention 3's FP8 kernels (needs --attention-backend "
+                        "fa3; no faster than bf16 FA3 at FLUX's shape), all = both. Needs a GPU with FP8 "
+                        "(compute capability 8.9+) "
                         "and bf16; pays off with --compile (the quantization fuses into the kernels around the "
                         "multiply); weights are quantized at load, so it is fixed for the engine and cannot "
                         "change per request")
