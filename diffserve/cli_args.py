@@ -42,8 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
     g.add_argument("--attention-backend", choices=("sdpa", "cudnn", "flash", "efficient", "math", "fa3", "sage"),
                    default=None, help="attention kernel (default: the fastest one for the device); sage: "
-                                      "SageAttention (pip install sageattention==1.0.6), INT8 Q.K^T: lossy, faster "
-                                      "on long sequences, not under --ring-degree > 1")
+                                      "SageAttention (pip install sageattention==1.0.6), INT8 Q.K^T: lossy, and "
+                                      "on one H100 slower than fa3 (FLUX.1-dev 0.142 vs 0.125 s/step); not under "
+                                      "--ring-degree > 1")
     g.add_argument("--fp8", choices=("off", "linear", "attention", "all"), default="off",
                    help="lossy FP8 (e4m3) compute, off by default: linear = the transformer blocks' matrix "
                         "multiplies with FP8 weights and per-token FP8 activations (relative error of a layer "
