@@ -77,7 +77,7 @@ def row(name: str, run: Run, ref: Run) -> str:
 
 
 def evaluate(model: str, n: int, thresholds: list[float], warmup: int, max_skip: int, device: str,
-             seed: int) -> list[str]:
+             seed: int, fp8: bool = False) -> list[str]:
     """The table's lines for one embedded model ("image" or "video")."""
     from diffserve import Engine
 
@@ -100,6 +100,15 @@ def evaluate(model: str, n: int, thresholds: list[float], warmup: int, max_skip:
     for th in thresholds:
         lines.append(row(f"{th:g}", run_prompts(engine, prompts, scenes, th, video), ref))
         print(lines[-1], flush=True)
+    if fp8:  # the same engine with its blocks' GEMMs in FP8 (the CPU runs torch._scaled_mm's math)
+        from diffserve.layers.fp8 import quantize_fp8
+
+        transformer = engine.pipeline.components.transformer
+        n_layers = quantize_fp8(getattr(transformer, "model", transformer))  # under the step cache's stand-in
+        for th in (0.0, *thresholds):
+            name = f"FP8 ({n_layers} layers)" + (f" + {th:g}" if th else "")
+            lines.append(row(name, run_prompts(engine, prompts, scenes, th, video), ref))
+            print(lines[-1], flush=True)
     return lines
 
 
@@ -112,13 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-skip", type=int, default=StepCacheConfig.max_skip)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=2026, help="seed of the scene sampler")
+    p.add_argument("--fp8", action="store_true",
+                   help="then quantize the blocks' GEMMs to FP8 (diffserve.layers.fp8) and run again, alone and "
+                        "with each threshold")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
     tables = []
     for model in args.models.split(","):
         n = args.n or (64 if model == "image" else 32)
-        tables.append("\n".join(evaluate(model, n, thresholds, args.warmup, args.max_skip, args.device, args.seed)))
+        tables.append("\n".join(evaluate(model, n, thresholds, args.warmup, args.max_skip, args.device, args.seed,
+                                          args.fp8)))
     print("\n\n" + "\n\n".join(tables))
     return 0
 
