@@ -33,31 +33,4 @@
 # ~120-140 s (one full-shape warm-up step with compile, the timed step, the tiled decode); ~7-8 min in all.
 # Out: $OUT/hunyuan.json (report), hunyuan_bench.txt (log), gpu.txt, BENCHMARKS.md with the new harness rows
 # (apply them to the repo's copy); the table comes last.
-set -uo pipefail
-workload=${WORKLOAD:-hunyuan-720p}  # a CPU dry run: WORKLOAD=tiny-hunyuan DEVICE=cpu DTYPE=fp32 ENGINES=...
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-STATE=${STATE:-/tmp/bench-hunyuan}
-OUT=${OUT:-$STATE/out}
-mkdir -p "$STATE" "$OUT"
-# the disk holds one of these repos at a time: drop the other workloads' (a later call rebuilds them)
-for d in /tmp/bench-*; do
-  [ "$d" = "$STATE" ] || rm -rf "$d"/qwen-image "$d"/qwen-image-edit "$d"/hunyuan-video "$d"/*.partial "$d"/outputs
-done
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-df -h /tmp | tail -1 | tee -a "$OUT/gpu.txt"
-layers=${TEXT_LAYERS:-4}
-[ "$layers" = 0 ] && layers_arg=() || layers_arg=(--text-layers "$layers")
-timeout -k 30 "${T:-540}" python3 benchmarks/bench_e2e.py "$workload" --repo "$STATE/hunyuan-video" "${layers_arg[@]}" \
-  --steps "${STEPS:-1}" --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bf16}" --no-sync-count ${EXTRA:-} \
-  --engines "${ENGINES:-diffusers,diffserve+compile[cudnn],diffserve+compile[fa3]}" \
-  --out "$STATE/hunyuan.json" --outputs "$STATE/outputs" --merge --benchmarks BENCHMARKS.md 2>&1 \
-  | grep -v -i "warn\|Loading\|USDT\|deprecat" | tee "$OUT/hunyuan_bench.txt" \
-  | grep -E '^\{"engine|^built|failed|stopped|not counted'
-rc=${PIPESTATUS[0]}
-df -h /tmp | tail -1 >> "$OUT/gpu.txt"
-cp "$STATE/hunyuan.json" "$OUT/" 2>/dev/null
-cp BENCHMARKS.md "$OUT/"
-python3 -c "import json, sys; from benchmarks.bench_e2e import table; print(table(json.load(open(sys.argv[1]))))" \
-  "$STATE/hunyuan.json"
-exit "$rc"
+exec bash "$(dirname "$0")/qwen_run.sh" hunyuan  # the same preamble, harness call and report as Qwen-Image

@@ -34,10 +34,15 @@
 # (apply them to the repo's copy); the table comes last.
 set -uo pipefail
 which=${1:-qwen-image}
+qwen_engines="diffusers,diffserve+compile[cudnn],diffserve+compile[fa3],diffusers+regional,diffusers+compile"
+sync_arg=()
 case $which in
-  qwen-image) workload=qwen-image-1328 fixture=qwen-image ;;
-  qwen-edit) workload=qwen-edit-1024 fixture=qwen-image-edit ;;
-  *) echo "usage: qwen_run.sh qwen-image|qwen-edit"; exit 2 ;;
+  qwen-image) workload=qwen-image-1328 fixture=qwen-image steps=10 engines=$qwen_engines ;;
+  qwen-edit) workload=qwen-edit-1024 fixture=qwen-image-edit steps=10 engines=$qwen_engines ;;
+  # HunyuanVideo (benchmarks/gpu/hunyuan_run.sh says what it measures): one timed step, no sync count
+  hunyuan) workload=hunyuan-720p fixture=hunyuan-video steps=1 sync_arg=(--no-sync-count)
+           engines="diffusers,diffserve+compile[cudnn],diffserve+compile[fa3]" ;;
+  *) echo "usage: qwen_run.sh qwen-image|qwen-edit|hunyuan"; exit 2 ;;
 esac
 workload=${WORKLOAD:-$workload}  # a CPU dry run: WORKLOAD=tiny-qwen DEVICE=cpu DTYPE=fp32 ENGINES=diffserve,diffusers
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -54,8 +59,8 @@ df -h /tmp | tail -1 | tee -a "$OUT/gpu.txt"
 layers=${TEXT_LAYERS:-4}
 [ "$layers" = 0 ] && layers_arg=() || layers_arg=(--text-layers "$layers")
 timeout -k 30 "${T:-540}" python3 benchmarks/bench_e2e.py "$workload" --repo "$STATE/$fixture" "${layers_arg[@]}" \
-  --steps "${STEPS:-10}" --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bf16}" ${EXTRA:-} \
-  --engines "${ENGINES:-diffusers,diffserve+compile[cudnn],diffserve+compile[fa3],diffusers+regional,diffusers+compile}" \
+  --steps "${STEPS:-$steps}" --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bf16}" "${sync_arg[@]}" ${EXTRA:-} \
+  --engines "${ENGINES:-$engines}" \
   --out "$STATE/$which.json" --outputs "$STATE/outputs" --merge --benchmarks BENCHMARKS.md 2>&1 \
   | grep -v -i "warn\|Loading\|USDT\|deprecat\|rope_parameters\|rope_scaling" | tee "$OUT/${which}_bench.txt" \
   | grep -E '^\{"engine|^built|failed|stopped|not counted'
