@@ -41,7 +41,7 @@ from diffserve.pipelines.base import (
 from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise, video_latent_shape
 from diffserve.pipelines.stages.text import clip_pooled, repeat_per_output
-from diffserve.pipelines.stages.vae_tiling import use_tiling
+from diffserve.pipelines.stages.vae_tiling import decode_bytes, use_tiling
 from diffserve.schedulers.flow_match import FlowMatchConfig, FlowMatchEulerSampler
 from diffserve.schedulers.guidance import TrueCfgOverEmbedded
 
@@ -204,10 +204,10 @@ class HunyuanPredictor:
 
 
 def untiled_decode_bytes(vae_config, frames: int, height: int, width: int, dtype: torch.dtype) -> int:
-    """A rough peak-memory estimate of decoding one video without tiling: about four activations of the
-    VAE's widest full-resolution stage (block_out_channels[0] channels over F x H x W) alive at once."""
-    channels = int(vae_config.block_out_channels[0])
-    return 4 * channels * frames * height * width * torch.finfo(dtype).bits // 8
+    """A rough peak-memory estimate of decoding one video without tiling (`stages.vae_tiling.decode_bytes`):
+    about four activations of the VAE's full-resolution stage (block_out_channels[0] channels over F x H x W)
+    alive at once, plus the float32 output."""
+    return decode_bytes(int(vae_config.block_out_channels[0]), frames, height, width, dtype)
 
 
 def use_vae_tiling(setting: bool | None, vae, frames: int, height: int, width: int, device: torch.device) -> bool:
