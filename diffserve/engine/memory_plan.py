@@ -29,6 +29,10 @@ from pathlib import Path
 import torch
 
 from diffserve.config import EngineConfig, OffloadConfig
+from diffserve.models.dits.flux import FluxTransformer
+from diffserve.models.dits.hunyuan_video import HunyuanVideoTransformer
+from diffserve.models.dits.qwen_image import QwenImageTransformer
+from diffserve.models.dits.wan import WanTransformer
 from diffserve.models.loader import ModelIndex, read_json
 from diffserve.pipelines.stages.vae_tiling import decode_bytes
 
@@ -41,14 +45,16 @@ TILED_DECODE_BYTES = 2 * GIB  # a tiled decode's peak (`--vae-tiling auto` tiles
 SHARES = tuple(k / 20 for k in range(21))  # streamed shares of the DiT's blocks the planner considers
 SLOTS = 2
 
-# diffusers' transformer class -> (repeated block lists, block submodules kept resident when streaming), as
-# our DiTs declare them (REPEATED_BLOCKS, STREAM_RESIDENT).
-DIT_LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "FluxTransformer2DModel": (("transformer_blocks", "single_transformer_blocks"), ("norm1", "norm1_context", "norm")),
-    "WanTransformer3DModel": (("blocks",), ()),
-    "QwenImageTransformer2DModel": (("transformer_blocks",), ()),
-    "HunyuanVideoTransformer3DModel": (("transformer_blocks", "single_transformer_blocks"), ()),
-}
+def dit_layout(class_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(repeated block lists, block submodules kept resident when streaming) of the DiT diffserve builds for a
+    checkpoint whose transformer config names diffusers' `class_name`, as that DiT declares them
+    (`REPEATED_BLOCKS`, `STREAM_RESIDENT`); nothing streamable for a class diffserve does not build."""
+    ours = {"FluxTransformer2DModel": FluxTransformer, "WanTransformer3DModel": WanTransformer,
+            "QwenImageTransformer2DModel": QwenImageTransformer,
+            "HunyuanVideoTransformer3DModel": HunyuanVideoTransformer}.get(class_name)
+    if ours is None:
+        return (), ()
+    return tuple(ours.REPEATED_BLOCKS), tuple(getattr(ours, "STREAM_RESIDENT", ()))
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class Footprint:
         vae = folder_numel(index.folder("vae")) * 4  # fp32 at most (Wan decodes in fp32)
         tfolder = index.folder("transformer")
         tconf = read_json(tfolder / "config.json")
-        lists, keep = DIT_LAYOUTS.get(tconf.get("_class_name", ""), ((), ()))
+        lists, keep = dit_layout(tconf.get("_class_name", ""))
         blocks, other = block_numels(folder_shapes(tfolder), lists, keep)
         d = defaults_from_configs(index)
         tokens = (((d.num_frames or 1) - 1) // 4 + 1) * (d.height // 16) * (d.width // 16) + d.max_sequence_length
