@@ -107,6 +107,18 @@ def test_wan_offloaded_equals_on_device(wan_all: Engine, wan_ref: np.ndarray) ->
     assert np.array_equal(_video(wan_all), wan_ref)
 
 
+def test_offload_on_every_rank_of_a_parallel_world(flux_repo, flux_ref: np.ndarray) -> None:
+    """Two gloo ranks (Ulysses 2), each streaming its DiT blocks and offloading its text encoders and VAE: the
+    image is the one-process, all-on-device image."""
+    from diffserve.parallel.mesh import ParallelConfig
+
+    with Engine.from_pretrained(str(flux_repo), device="cpu", dtype="fp32",
+                                parallel=ParallelConfig(num_gpus=2, ulysses_degree=2), **ALL) as engine:
+        got = _image(engine)
+    diff = np.abs(got.astype(int) - flux_ref.astype(int)).max()
+    assert got.shape == flux_ref.shape and diff <= 1, diff
+
+
 def test_merged_lora_then_offload(flux_repo, flux_base: Engine, flux_ref: np.ndarray, tmp_path) -> None:
     """A merged LoRA goes into the weights before the blocks are streamed: same output as without offload."""
     from safetensors.torch import save_file
