@@ -312,7 +312,7 @@ def test_vae_tiling_choice(repo: Path) -> None:
     assert recipe.use_vae_tiling(True, vae, 129, 720, 1280, torch.device("cpu"))
     assert not recipe.use_vae_tiling(None, vae, 129, 720, 1280, torch.device("cpu"))
     # the real VAE (128 channels at full resolution) in bf16 at 720p x 129 frames: far above one 80 GB card
-    real = type("Cfg", (), {"block_out_channels": [128, 256, 512, 512]})()
+    real = {"block_out_channels": [128, 256, 512, 512]}
     assert recipe.untiled_decode_bytes(real, 129, 720, 1280, torch.bfloat16) > 80 * 2**30
 
 

@@ -7,6 +7,7 @@ exactly the all-on-device output (fp32, tiny FLUX and Wan repos)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -323,6 +324,24 @@ def test_max_gpu_memory_from_a_real_repo(flux_repo) -> None:
     assert fp.decode_untiled > fp.dit_other + fp.dit_blocks and resolved.vae_tiling is True
     roomy = dataclasses.replace(cfg, offload=OffloadConfig(max_gpu_memory=64))
     assert resolve_offload(roomy, index).vae_tiling is None  # auto stays auto
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "wan-t2v", "hunyuan-video", "qwen-image"])
+def test_planner_uses_the_decode_stage_estimate(name: str) -> None:
+    """The planner's untiled-decode figure is the one the model's decode stage computes for the default
+    request, at the precision the VAE is loaded in (Wan: float32 unless --vae-dtype)."""
+    from diffserve.pipelines.registry import defaults_from_configs, recipe_for
+
+    repo = fixture_path(name)
+    index = read_model_index(repo)
+    recipe = recipe_for(index)
+    d = defaults_from_configs(index)
+    vae_conf = json.loads((repo / "vae" / "config.json").read_text())
+    for vae_dtype, want in ((None, recipe.vae_dtype or torch.bfloat16), (torch.float16, torch.float16)):
+        cfg = EngineConfig(model_path=str(repo), dtype=torch.bfloat16, device=torch.device("cpu"), vae_dtype=vae_dtype)
+        fp = Footprint.from_checkpoint(index, cfg)
+        assert fp.decode_untiled == recipe.decode_bytes(vae_conf, d.num_frames or 1, d.height, d.width, want) > 0
+    assert (recipe.vae_dtype == torch.float32) == name.startswith("wan")
 
 
 # ----------------------------------------------------------------------------------------------------------

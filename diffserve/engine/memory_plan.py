@@ -11,6 +11,8 @@ its phase):
     text encoding  resident DiT + text encoders + resident VAE
     denoising      resident DiT + resident text encoders + resident VAE + the DiT's activations
     decoding       resident DiT + resident text encoders + VAE + the decode's activations
+(the decode's activations: the model's decode stage's own untiled estimate, `Recipe.decode_bytes`, at the VAE's
+precision, or TILED_DECODE_BYTES where that is less, as `--vae-tiling auto` would tile)
 where the resident DiT is its non-repeated parameters, the blocks not streamed and, when streaming, two
 slots per block list the size of the largest block. A plan fits when its peak is at most FIT_SHARE of the budget (room for the allocator's
 fragmentation and the CUDA context).
@@ -34,7 +36,6 @@ from diffserve.models.dits.hunyuan_video import HunyuanVideoTransformer
 from diffserve.models.dits.qwen_image import QwenImageTransformer
 from diffserve.models.dits.wan import WanTransformer
 from diffserve.models.loader import ModelIndex, read_json
-from diffserve.pipelines.stages.vae_tiling import decode_bytes
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,14 @@ class Footprint:
     @classmethod
     def from_checkpoint(cls, index: ModelIndex, cfg: EngineConfig) -> Footprint:
         """Read from the repo's headers and config files; no weight is read."""
-        from diffserve.pipelines.registry import defaults_from_configs
+        from diffserve.pipelines.registry import defaults_from_configs, recipe_for
 
         size = torch.finfo(cfg.dtype).bits // 8
+        recipe = recipe_for(index)
+        vae_dtype = cfg.vae_dtype or recipe.vae_dtype or cfg.dtype
         encoders = sum(folder_numel(index.folder(n)) for n in ("text_encoder", "text_encoder_2", "image_encoder")
                        if index.components.get(n) is not None) * size
-        vae = folder_numel(index.folder("vae")) * 4  # fp32 at most (Wan decodes in fp32)
+        vae = folder_numel(index.folder("vae")) * (torch.finfo(vae_dtype).bits // 8)
         tfolder = index.folder("transformer")
         tconf = read_json(tfolder / "config.json")
         lists, keep = dit_layout(tconf.get("_class_name", ""))
@@ -89,7 +92,8 @@ class Footprint:
         tokens = (((d.num_frames or 1) - 1) // 4 + 1) * (d.height // 16) * (d.width // 16) + d.max_sequence_length
         hidden = int(tconf.get("num_attention_heads", 1)) * int(tconf.get("attention_head_dim", 1))
         frames = d.num_frames or 1
-        untiled = decode_bytes(256, min(frames, 4), d.height, d.width, torch.float32, output_frames=frames)
+        untiled = recipe.decode_bytes(read_json(index.folder("vae") / "config.json"), frames, d.height, d.width,
+                                      vae_dtype)  # the decode stage's own estimate
         calls = d.num_inference_steps * (2 if d.guidance in ("cfg", "true_cfg") else 1)
         return cls(text_encoders=encoders, vae=vae, dit_other=other * size, dit_blocks=sum(blocks.values()) * size,
                    dit_block_max=max(blocks.values(), default=0) * size, dit_lists=max(1, len(lists)),

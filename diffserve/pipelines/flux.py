@@ -7,7 +7,9 @@ stage (guidance embedded for dev) -> unpack, undo the VAE scaling/shift, VAE dec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -171,11 +173,16 @@ class FluxDecodingStage(PipelineStage):
         z = unpack_latents(state.latents, state.request.height // f, state.request.width // f)
         z = z / vae.config.scaling_factor + vae.config.shift_factor
         r = state.request
-        estimate = decode_bytes(widest_decoder_channels(vae.config.block_out_channels), 1, r.height, r.width,
-                                vae.dtype) * z.shape[0]
+        estimate = flux_decode_bytes(vae.config, 1, r.height, r.width, vae.dtype) * z.shape[0]
         set_tiling(vae, use_tiling(self.c.vae_tiling, estimate, state.device))
         image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         state.pixels = (image / 2 + 0.5).clamp(0, 1).float()  # (B, 3, H, W)
+
+
+def flux_decode_bytes(vae_config: Mapping[str, Any], frames: int, height: int, width: int,
+                      dtype: torch.dtype) -> int:
+    """Estimated peak bytes of one image's untiled decode (AutoencoderKL; `frames` is ignored)."""
+    return decode_bytes(widest_decoder_channels(vae_config["block_out_channels"]), 1, height, width, dtype)
 
 
 def load_flux_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp) -> FluxComponents:

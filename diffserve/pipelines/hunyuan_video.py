@@ -21,7 +21,9 @@ and no mask at all, so the fast unmasked kernels run). Only rounding in the atte
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,11 +205,12 @@ class HunyuanPredictor:
 # Decoding
 
 
-def untiled_decode_bytes(vae_config, frames: int, height: int, width: int, dtype: torch.dtype) -> int:
+def untiled_decode_bytes(vae_config: Mapping[str, Any], frames: int, height: int, width: int,
+                         dtype: torch.dtype) -> int:
     """A rough peak-memory estimate of decoding one video without tiling (`stages.vae_tiling.decode_bytes`):
     about four activations of the VAE's full-resolution stage (block_out_channels[0] channels over F x H x W)
     alive at once, plus the float32 output."""
-    return decode_bytes(int(vae_config.block_out_channels[0]), frames, height, width, dtype)
+    return decode_bytes(int(vae_config["block_out_channels"][0]), frames, height, width, dtype)
 
 
 def use_vae_tiling(setting: bool | None, vae, frames: int, height: int, width: int, device: torch.device) -> bool:

@@ -27,8 +27,10 @@ guidance runs only when the request has a negative prompt (" " is enough) and th
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,12 +51,8 @@ from diffserve.pipelines.flux import pack_latents, unpack_latents
 from diffserve.pipelines.stages.denoise import Cond, DenoisingStage, PredictFn
 from diffserve.pipelines.stages.latents import initial_noise
 from diffserve.pipelines.stages.text import repeat_per_output
-from diffserve.pipelines.stages.vae_tiling import (
-    decode_bytes,
-    set_tiling,
-    use_tiling,
-    widest_decoder_channels,
-)
+from diffserve.pipelines.stages.vae_tiling import set_tiling, use_tiling
+from diffserve.pipelines.wan import wan_decode_bytes
 from diffserve.schedulers.flow_match import FlowMatchConfig, FlowMatchEulerSampler
 from diffserve.schedulers.guidance import NormRescaledCfg
 
@@ -317,8 +315,7 @@ class QwenDecodingStage(PipelineStage):
         z = unpack_latents(state.latents, state.request.height // f, state.request.width // f)  # (B, z, h, w)
         z = z.unsqueeze(2).to(vae.dtype)  # (B, z, 1, h, w)
         mean, std = self.c.latent_stats(z.device, z.dtype)
-        channels = widest_decoder_channels([vae.config.base_dim * m for m in vae.config.dim_mult])
-        estimate = decode_bytes(channels, 1, state.request.height, state.request.width, vae.dtype) * z.shape[0]
+        estimate = qwen_decode_bytes(vae.config, 1, state.request.height, state.request.width, vae.dtype) * z.shape[0]
         set_tiling(vae, use_tiling(self.c.vae_tiling, estimate, state.device))
         image = vae.decode(z / (1.0 / std) + mean, return_dict=False)[0][:, :, 0]
         state.pixels = (image / 2 + 0.5).clamp(0, 1).float()  # (B, 3, H, W)
@@ -326,6 +323,12 @@ class QwenDecodingStage(PipelineStage):
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation, defaults, loading
+
+
+def qwen_decode_bytes(vae_config: Mapping[str, Any], frames: int, height: int, width: int,
+                      dtype: torch.dtype) -> int:
+    """Estimated peak bytes of one image's untiled decode: the Wan-architecture VAE on one frame."""
+    return wan_decode_bytes(vae_config, 1, height, width, dtype)
 
 
 class QwenInputStage(InputValidationStage):

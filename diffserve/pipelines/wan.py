@@ -20,8 +20,9 @@ Which sampler a checkpoint runs is chosen from the checkpoint itself (no user fl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -235,14 +236,22 @@ class WanDecodingStage(PipelineStage):
         vae, r = self.c.vae, state.request
         z = state.latents.to(vae.dtype)
         mean, std = self.c.latent_stats(z.device, z.dtype)
-        # the causal VAE decodes one latent frame (4 video frames) at a time
-        channels = widest_decoder_channels([vae.config.base_dim * m for m in vae.config.dim_mult])
-        frames = int(r.num_frames)  # type: ignore[arg-type]
-        estimate = decode_bytes(channels, min(frames, self.c.scale_temporal), r.height, r.width, vae.dtype,
-                                output_frames=frames) * z.shape[0]
+        estimate = wan_decode_bytes(vae.config, int(r.num_frames), r.height, r.width, vae.dtype) * z.shape[0]  # type: ignore[arg-type]
         set_tiling(vae, use_tiling(self.c.vae_tiling, estimate, state.device))
         video = vae.decode(z / (1.0 / std) + mean, return_dict=False)[0]
         state.pixels = (video / 2 + 0.5).clamp(0, 1).float()  # (B, 3, F, H, W)
+
+
+WAN_VAE_DTYPE = torch.float32  # the VAE's precision without --vae-dtype (as diffusers' Wan examples load it)
+
+
+def wan_decode_bytes(vae_config: Mapping[str, Any], frames: int, height: int, width: int,
+                     dtype: torch.dtype) -> int:
+    """Estimated peak bytes of one video's untiled decode: the causal VAE decodes one latent frame (4 video
+    frames) at a time, so the activations span at most that many frames; the float32 output spans all."""
+    channels = widest_decoder_channels([vae_config["base_dim"] * m for m in vae_config["dim_mult"]])
+    temporal = int(vae_config.get("scale_factor_temporal", 4))
+    return decode_bytes(channels, min(frames, temporal), height, width, dtype, output_frames=frames)
 
 
 def load_wan_components(index: ModelIndex, cfg: EngineConfig, attention: AttentionOp, i2v: bool) -> WanComponents:
@@ -255,7 +264,7 @@ def load_wan_components(index: ModelIndex, cfg: EngineConfig, attention: Attenti
         transformer=load_dit(lambda: WanTransformer(tcfg, attention), folder, dt, cfg.load_device("transformer"),
                              keep_fp32=WanTransformer.keeps_fp32, drop_keys=WanTransformer.drop_unused_keys),
         # decoded in fp32 as the reference examples do, unless the engine asks for another precision
-        vae=load_component(index, "vae", cfg.vae_dtype or torch.float32, cfg.load_device("vae")),
+        vae=load_component(index, "vae", cfg.vae_dtype or WAN_VAE_DTYPE, cfg.load_device("vae")),
         schedule=schedule_from_checkpoint(index),
         vae_tiling=cfg.vae_tiling,
     )
