@@ -27,7 +27,7 @@ REQUEST_FIELDS = ("prompt", "negative_prompt", "height", "width", "num_inference
 PROMPT_FILE_KEYS = (*REQUEST_FIELDS, "image_path")
 
 if TYPE_CHECKING:
-    from diffserve.config import GenerationRequest
+    from diffserve.config import GenerationRequest, PlanSize
     from diffserve.engine.engine import GenerationResult, LocalEngine
     from diffserve.engine.parallel_engine import ParallelEngine
     from diffserve.models.loader import ModelIndex
@@ -190,17 +190,34 @@ def _job_requests(where: str, fields: dict[str, object], index: ModelIndex,
         raise InvalidRequestError(f"{where}: {e}", param=e.param) from None
 
 
-def _load_engine(args: argparse.Namespace, model_path: str) -> LocalEngine | ParallelEngine:
-    """The engine the flags ask for (the only step that reads weights)."""
+def _largest_batch(batches: list[list[GenerationRequest]]) -> PlanSize:
+    """The run's batch with the most image/video tokens, as a memory-plan size."""
+    from diffserve.config import PlanSize
+    from diffserve.engine.memory_plan import plan_tokens
+
+    def size(batch: list[GenerationRequest]) -> PlanSize:
+        r = batch[0]  # one prompt's outputs share their size
+        return PlanSize(int(r.height), int(r.width), r.num_frames, batch=len(batch))  # type: ignore[arg-type]
+
+    return max((size(b) for b in batches), key=lambda s: plan_tokens(s.height, s.width, s.num_frames) * s.batch)
+
+
+def _load_engine(args: argparse.Namespace, model_path: str,
+                 batches: list[list[GenerationRequest]] | None = None) -> LocalEngine | ParallelEngine:
+    """The engine the flags ask for (the only step that reads weights). With --max-gpu-memory and no
+    --plan-size, the memory plan fits the largest of `batches`."""
     from diffserve.cli_args import step_cache_options
     from diffserve.engine.entry import Engine
     from diffserve.parallel.mesh import parallel_config_from_args
 
+    memory = memory_options(args)
+    if memory["max_gpu_memory"] is not None and memory["plan_size"] is None and batches:
+        memory["plan_size"] = _largest_batch(batches)
     return Engine.from_pretrained(model_path, dtype=args.dtype, device=args.device, **step_cache_options(args),
                                   attention_backend=args.attention_backend, compile=args.compile,
                                   fuse=args.fuse, vae_dtype=args.vae_dtype, fp8=args.fp8,
                                   parallel=parallel_config_from_args(args), **lora_options(args),
-                                  **memory_options(args))
+                                  **memory)
 
 
 def _write_result(result: GenerationResult, *, fmt: str, output_dir: Path | None, output_path: Path | None,
@@ -248,7 +265,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output_target(fmt=fmt, output_dir=output_dir, output_path=args.output_path, count=total, kind=kind)
     targets = numbered_paths(args.output_path, total, fmt) if args.output_path is not None else None
 
-    engine = _load_engine(args, model_path)
+    engine = _load_engine(args, model_path, batches)
     if args.compile:
         from diffserve.engine.optimize import compile_cache_dir
 

@@ -85,8 +85,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                           "block's weights are copied while the current one computes); the rest stays on the GPU")
     mem.add_argument("--max-gpu-memory", default=None, metavar="GiB|auto",
                      help="pick the cheapest of the offloads above that fits this many GiB of GPU memory (auto: the "
-                          "card's memory), estimated from the weights' sizes and the default request's activations; "
-                          "offload flags given are always applied")
+                          "card's memory), estimated from the weights' sizes and the activations of the largest "
+                          "request (see --plan-size); offload flags given are always applied")
+    mem.add_argument("--plan-size", default=None, metavar="HxW[xF]",
+                     help="with --max-gpu-memory: the largest request the plan must fit, e.g. 720x1280x81 (default: "
+                          "generate plans for its own largest batch; serve for the model's default size, and warns "
+                          "when a batch is larger)")
     sc = p.add_argument_group("step cache (lossy, off by default; BENCHMARKS.md has its fidelity)")
     sc.add_argument("--step-cache", choices=("none", "fbcache"), default="none",
                     help="reuse work across denoising steps: fbcache runs the first transformer block every step "
@@ -134,9 +138,15 @@ def memory_options(args: argparse.Namespace) -> dict[str, object]:
         except ValueError:
             raise UserError(f"--max-gpu-memory {limit!r} is not accepted: give GiB (a number > 0) or auto",
                             param="max_gpu_memory") from None
+    from diffserve.config import PlanSize
+
+    plan_size = PlanSize.parse(args.plan_size) if args.plan_size is not None else None
+    if plan_size is not None and limit is None:
+        raise UserError("--plan-size needs --max-gpu-memory (it says what the memory plan must fit)",
+                        param="plan_size")
     return {"vae_tiling": {"auto": None, "on": True, "off": False}[args.vae_tiling],
             "text_encoder_cpu_offload": args.text_encoder_cpu_offload, "vae_cpu_offload": args.vae_cpu_offload,
-            "dit_cpu_offload": args.dit_cpu_offload, "max_gpu_memory": limit}
+            "dit_cpu_offload": args.dit_cpu_offload, "max_gpu_memory": limit, "plan_size": plan_size}
 
 
 def step_cache_options(args: argparse.Namespace) -> dict[str, object]:

@@ -67,6 +67,54 @@ def parse_device(name: str | torch.device) -> torch.device:
 
 
 @dataclass(frozen=True)
+class PlanSize:
+    """The largest batch `--max-gpu-memory` must fit: `batch` outputs of height x width (x num_frames for
+    video; None: the model's default frame count). `parse` reads "HEIGHTxWIDTH[xFRAMES]"."""
+
+    height: int
+    width: int
+    num_frames: int | None = None
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "num_frames", "batch"):
+            value = getattr(self, name)
+            if value is None and name == "num_frames":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"plan size {name}={value!r} is not accepted: give a whole number >= 1",
+                                param="plan_size")
+
+    @classmethod
+    def parse(cls, text: str) -> PlanSize:
+        parts = text.lower().split("x")
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (2, 3):
+            raise UserError(f"--plan-size {text!r} is not accepted: give HEIGHTxWIDTH or HEIGHTxWIDTHxFRAMES "
+                            "(e.g. 720x1280x81)", param="plan_size")
+        return cls(*numbers)
+
+    @classmethod
+    def coerce(cls, value: PlanSize | str | tuple[int, ...] | list[int] | None) -> PlanSize | None:
+        """A PlanSize from itself, "HEIGHTxWIDTH[xFRAMES]" or (height, width[, frames]); None stays None."""
+        if value is None or isinstance(value, PlanSize):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, (tuple, list)) and len(value) in (2, 3):
+            return cls(*value)
+        raise UserError(f"plan_size={value!r} is not accepted: give (height, width[, frames]) or "
+                        "\"HEIGHTxWIDTH[xFRAMES]\"", param="plan_size")
+
+    def describe(self) -> str:
+        size = f"{self.height}x{self.width}" + (f"x{self.num_frames}" if self.num_frames else "")
+        return size + (f" x {self.batch} outputs" if self.batch > 1 else "")
+
+
+@dataclass(frozen=True)
 class OffloadConfig:
     """CPU offload (`diffserve.engine.offload`): text encoders and VAE kept in host memory and put on the GPU
     for their stages; a share of the DiT's repeated blocks streamed from host memory block by block. With
@@ -77,6 +125,7 @@ class OffloadConfig:
     vae: bool = False
     dit: float = 0.0  # share of the DiT's repeated blocks streamed: 0 none, 1.0 all (--dit-cpu-offload)
     max_gpu_memory: float | str | None = None
+    plan_size: PlanSize | None = None  # the largest batch max_gpu_memory plans for; None: the default request
 
     def __post_init__(self) -> None:
         if isinstance(self.dit, bool) or not 0.0 <= float(self.dit) <= 1.0:

@@ -16,8 +16,16 @@ from torch import nn
 
 from diffserve import Engine
 from diffserve.cli_args import memory_options
-from diffserve.config import EngineConfig, OffloadConfig
-from diffserve.engine.memory_plan import GIB, Footprint, choose_plan, plan_cost, resolve_offload
+from diffserve.config import EngineConfig, GenerationRequest, OffloadConfig, PlanSize
+from diffserve.engine.memory_plan import (
+    GIB,
+    Footprint,
+    beyond_plan,
+    choose_plan,
+    plan_cost,
+    plan_tokens,
+    resolve_offload,
+)
 from diffserve.engine.offload import (
     BlockStream,
     ModuleOffload,
@@ -344,6 +352,78 @@ def test_planner_uses_the_decode_stage_estimate(name: str) -> None:
     assert (recipe.vae_dtype == torch.float32) == name.startswith("wan")
 
 
+def test_the_plan_fits_the_size_asked_for() -> None:
+    """A plan made for a larger request counts its activations and decode, streams more of the DiT in the same
+    budget, and is recorded on the engine config (what later batches are checked against)."""
+    repo = fixture_path("wan-t2v")
+    index = read_model_index(repo)
+    base = EngineConfig(model_path=str(repo), dtype=torch.float32, device=torch.device("cpu"))
+    default = Footprint.from_checkpoint(index, base)  # 480x832x81
+    big = Footprint.from_checkpoint(index, dataclasses.replace(base, offload=OffloadConfig(
+        max_gpu_memory=1, plan_size=PlanSize(720, 1280, 81, batch=2))))
+    text = 512  # the default request's text tokens
+    ratio = (2 * (plan_tokens(720, 1280, 81) + text)) / (plan_tokens(480, 832, 81) + text)
+    assert big.denoise_activations == pytest.approx(default.denoise_activations * ratio, rel=1e-9)
+    assert big.decode_untiled > 2 * default.decode_untiled and big.dit_blocks == default.dit_blocks
+    # a budget the default request fits with the whole DiT resident: the big plan must stream blocks
+    budget = plan_cost(default, False, False, 0.0).peak / 0.89 / GIB
+    small = resolve_offload(dataclasses.replace(base, offload=OffloadConfig(max_gpu_memory=budget)), index)
+    large = resolve_offload(dataclasses.replace(base, offload=OffloadConfig(
+        max_gpu_memory=budget, plan_size=PlanSize(720, 1280, 81, batch=2))), index)
+    assert small.offload.dit == 0 and large.offload.dit > 0
+    assert small.offload.plan_size == PlanSize(480, 832, 81) and large.offload.plan_size.batch == 2
+    # frames left out take the model's; an image model's plan has none
+    image = read_model_index(fixture_path("flux-dev"))
+    cfg = EngineConfig(model_path="x", dtype=torch.float32, device=torch.device("cpu"),
+                       offload=OffloadConfig(max_gpu_memory=64, plan_size=PlanSize.parse("720x1280")))
+    assert resolve_offload(dataclasses.replace(cfg, model_path=str(repo)), index).offload.plan_size.num_frames == 81
+    assert resolve_offload(dataclasses.replace(cfg, model_path="x"), image).offload.plan_size.num_frames is None
+
+
+def test_batches_beyond_the_plan_are_named() -> None:
+    from diffserve.pipelines.registry import defaults_from_configs
+
+    d = defaults_from_configs(read_model_index(fixture_path("wan-t2v")))
+    planned = PlanSize(480, 832, 81)
+    assert beyond_plan(planned, d, [GenerationRequest(prompt="x")]) is None
+    assert beyond_plan(planned, d, [GenerationRequest(prompt="x", height=480, width=832, num_frames=41)]) is None
+    msg = beyond_plan(planned, d, [GenerationRequest(prompt="x", height=720, width=1280)])
+    assert msg is not None and "720x1280x81" in msg and "480x832x81" in msg and "--plan-size" in msg
+    assert beyond_plan(planned, d, [GenerationRequest(prompt="x", num_outputs=2)]) is not None  # twice the tokens
+    assert beyond_plan(dataclasses.replace(planned, batch=2), d, [GenerationRequest(prompt="x", num_outputs=2)]) is None
+
+
+def test_generate_plans_for_its_largest_batch(flux_repo, monkeypatch, tmp_path) -> None:
+    """`generate --max-gpu-memory` without --plan-size plans for the largest batch it will run."""
+    from diffserve import cli
+    from diffserve.engine import entry
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(model_path, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(entry.Engine, "from_pretrained", staticmethod(fake))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "height": 64, "width": 96, "num_outputs": 3}\n'
+                       '{"prompt": "b", "height": 128, "width": 128}\n')
+    args = cli.build_parser().parse_args(["generate", "--model-path", str(flux_repo), "--prompt-file", str(prompts),
+                                          "--max-gpu-memory", "8", "--output-dir", str(tmp_path)])
+    with pytest.raises(Stop):
+        cli.cmd_generate(args)
+    assert seen["plan_size"] == PlanSize(64, 96, None, batch=3)  # 3 outputs x 24 tokens beat 1 x 64 tokens
+    args = cli.build_parser().parse_args(["generate", "--model-path", str(flux_repo), "--prompt", "x",
+                                          "--max-gpu-memory", "8", "--plan-size", "512x512", "--output-dir",
+                                          str(tmp_path)])
+    with pytest.raises(Stop):
+        cli.cmd_generate(args)
+    assert seen["plan_size"] == PlanSize(512, 512)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Flags and errors
 
@@ -354,7 +434,14 @@ def test_flags_reach_the_engine_and_errors_are_one_line(flux_repo) -> None:
     args = build_parser().parse_args(["generate", "--prompt", "x", "--dit-cpu-offload", "--vae-tiling", "on",
                                       "--max-gpu-memory", "24"])
     assert memory_options(args) == {"vae_tiling": True, "text_encoder_cpu_offload": False, "vae_cpu_offload": False,
-                                    "dit_cpu_offload": True, "max_gpu_memory": 24.0}
+                                    "dit_cpu_offload": True, "max_gpu_memory": 24.0, "plan_size": None}
+    args = build_parser().parse_args(["serve", "--max-gpu-memory", "24", "--plan-size", "720x1280x81"])
+    assert memory_options(args)["plan_size"] == PlanSize(720, 1280, 81)
+    for flags, message in ((["--plan-size", "720x1280"], "needs --max-gpu-memory"),
+                           (["--max-gpu-memory", "24", "--plan-size", "720"], "HEIGHTxWIDTH"),
+                           (["--max-gpu-memory", "24", "--plan-size", "0x64"], "height=0")):
+        with pytest.raises(UserError, match=message):
+            memory_options(build_parser().parse_args(["serve", *flags]))
     args = build_parser().parse_args(["generate", "--prompt", "x", "--max-gpu-memory", "lots"])
     with pytest.raises(UserError, match="max-gpu-memory 'lots'"):
         memory_options(args)

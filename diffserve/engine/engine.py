@@ -7,6 +7,7 @@ is a `LocalEngine` itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import sys
@@ -27,6 +28,8 @@ from diffserve.lora.spec import LoraSet, LoraSpec
 from diffserve.models.loader import read_model_index, resolve_model_path
 from diffserve.pipelines.base import ComposedPipeline, PipelineState, StepCallback
 from diffserve.pipelines.registry import build_pipeline
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -313,6 +316,12 @@ class LocalEngine(GenerateAPI):
         lora_set = self.batch_lora(list(requests))
         self.loras.activate(lora_set)
         self.check_cache_requests(requests)
+        planned = self.config.offload.plan_size  # set by --max-gpu-memory
+        if planned is not None:
+            from diffserve.engine.memory_plan import beyond_plan
+
+            if warning := beyond_plan(planned, self.defaults, list(requests)):
+                log.warning(warning)
         state = PipelineState(requests=list(requests), device=dev, dtype=self.config.dtype,
                               on_step=on_step, should_stop=should_stop)
         start = time.perf_counter()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from diffserve.accel.cache_config import StepCacheConfig, parse_step_cache
-from diffserve.config import EngineConfig, OffloadConfig, default_device, parse_device, parse_dtype
+from diffserve.config import EngineConfig, OffloadConfig, PlanSize, default_device, parse_device, parse_dtype
 from diffserve.embedded import resolve_model_arg
 from diffserve.engine.engine import LocalEngine
 from diffserve.engine.parallel_engine import ParallelEngine, needs_parallel_engine
@@ -34,6 +34,7 @@ class Engine(LocalEngine):
                         vae_tiling: bool | None = None, text_encoder_cpu_offload: bool = False,
                         vae_cpu_offload: bool = False, dit_cpu_offload: bool | float = False,
                         max_gpu_memory: float | str | None = None,
+                        plan_size: PlanSize | str | tuple[int, ...] | None = None,
                         loras: Sequence[LoraSpec | str | tuple[str, float]] = (),
                         lora_mode: str = "merged",
                         step_cache: StepCacheConfig | str | None = None,
@@ -47,7 +48,8 @@ class Engine(LocalEngine):
         untiled decode would not fit; `text_encoder_cpu_offload` / `vae_cpu_offload` keep those in host memory
         and put them on the GPU for their stage; `dit_cpu_offload` streams the DiT's blocks from host memory
         (True: all; a number: that share of them); `max_gpu_memory` (GiB, or "auto": the card's memory) picks
-        the cheapest of these that fits. See `diffserve.engine.offload`.
+        the cheapest of these that fits the default request, or `plan_size` (the largest batch to fit:
+        `PlanSize`, "HEIGHTxWIDTH[xFRAMES]" or a (height, width[, frames]) tuple). See `diffserve.engine.offload`.
 
         `loras`: LoRA files to load, each a (path, scale) pair, `"PATH[:SCALE]"` or a `LoraSpec`;
         `lora_mode`: "merged" (into the weights, fixed) or "unmerged" (adapters each request may switch with
@@ -63,7 +65,8 @@ class Engine(LocalEngine):
         model_path = resolve_model_arg(model_path, "image")
         specs = tuple(LoraSpec.coerce(item) for item in loras)
         offload = OffloadConfig(text_encoder=text_encoder_cpu_offload, vae=vae_cpu_offload,
-                                dit=float(dit_cpu_offload), max_gpu_memory=max_gpu_memory)
+                                dit=float(dit_cpu_offload), max_gpu_memory=max_gpu_memory,
+                                plan_size=PlanSize.coerce(plan_size))
         cache = parse_step_cache(step_cache)
         if needs_parallel_engine(parallel):
             return ParallelEngine.from_pretrained(model_path, dtype=dtype, device=device, compile=compile,

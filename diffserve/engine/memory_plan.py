@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from diffserve.config import EngineConfig, OffloadConfig
+from diffserve.config import EngineConfig, GenerationRequest, ModelDefaults, OffloadConfig, PlanSize
 from diffserve.models.dits.flux import FluxTransformer
 from diffserve.models.dits.hunyuan_video import HunyuanVideoTransformer
 from diffserve.models.dits.qwen_image import QwenImageTransformer
@@ -58,6 +58,34 @@ def dit_layout(class_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(ours.REPEATED_BLOCKS), tuple(getattr(ours, "STREAM_RESIDENT", ()))
 
 
+def plan_tokens(height: int, width: int, num_frames: int | None) -> int:
+    """Image/video tokens of one output as the planner counts them: 16x16 pixels (an 8x VAE and 2x2 patches)
+    per token and, for video, one latent frame per 4 frames plus the first."""
+    return (((num_frames or 1) - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+def planned_size(given: PlanSize | None, d: ModelDefaults) -> PlanSize:
+    """The batch the plan must fit: `given` (its frames defaulting to the model's), else the default request."""
+    if given is None:
+        return PlanSize(d.height, d.width, d.num_frames)
+    frames = (given.num_frames or d.num_frames) if d.num_frames else None
+    return dataclasses.replace(given, num_frames=frames)
+
+
+def beyond_plan(planned: PlanSize, d: ModelDefaults, requests: list[GenerationRequest]) -> str | None:
+    """A warning when a batch has more image/video tokens than the `--max-gpu-memory` plan was made for
+    (its activations may not fit the budget); None when it fits the plan."""
+    def tokens(r: GenerationRequest) -> int:
+        return plan_tokens(r.height or d.height, r.width or d.width, r.num_frames or d.num_frames) * (r.num_outputs or 1)
+
+    if sum(tokens(r) for r in requests) <= plan_tokens(planned.height, planned.width, planned.num_frames) * planned.batch:
+        return None
+    asked = ", ".join(f"{r.height or d.height}x{r.width or d.width}" + (f"x{r.num_frames or d.num_frames}" if d.num_frames else "")
+                      + (f" x {r.num_outputs}" if (r.num_outputs or 1) > 1 else "") for r in requests)
+    return (f"this batch ({asked}) is larger than the --max-gpu-memory plan's {planned.describe()}: its peak may "
+            f"exceed the budget; start with --plan-size for the largest request (plan_size= in Python)")
+
+
 @dataclass(frozen=True)
 class Footprint:
     """Device bytes of a model's parts at the precision they run in."""
@@ -75,30 +103,31 @@ class Footprint:
 
     @classmethod
     def from_checkpoint(cls, index: ModelIndex, cfg: EngineConfig) -> Footprint:
-        """Read from the repo's headers and config files; no weight is read."""
+        """Read from the repo's headers and config files; no weight is read. Activations are those of
+        `cfg.offload.plan_size` (default: the model's default request)."""
         from diffserve.pipelines.registry import defaults_from_configs, recipe_for
 
-        size = torch.finfo(cfg.dtype).bits // 8
+        nbytes = torch.finfo(cfg.dtype).bits // 8
         recipe = recipe_for(index)
         vae_dtype = cfg.vae_dtype or recipe.vae_dtype or cfg.dtype
         encoders = sum(folder_numel(index.folder(n)) for n in ("text_encoder", "text_encoder_2", "image_encoder")
-                       if index.components.get(n) is not None) * size
+                       if index.components.get(n) is not None) * nbytes
         vae = folder_numel(index.folder("vae")) * (torch.finfo(vae_dtype).bits // 8)
         tfolder = index.folder("transformer")
         tconf = read_json(tfolder / "config.json")
         lists, keep = dit_layout(tconf.get("_class_name", ""))
         blocks, other = block_numels(folder_shapes(tfolder), lists, keep)
         d = defaults_from_configs(index)
-        tokens = (((d.num_frames or 1) - 1) // 4 + 1) * (d.height // 16) * (d.width // 16) + d.max_sequence_length
+        size = planned_size(cfg.offload.plan_size, d)
+        tokens = (plan_tokens(size.height, size.width, size.num_frames) + d.max_sequence_length) * size.batch
         hidden = int(tconf.get("num_attention_heads", 1)) * int(tconf.get("attention_head_dim", 1))
-        frames = d.num_frames or 1
-        untiled = recipe.decode_bytes(read_json(index.folder("vae") / "config.json"), frames, d.height, d.width,
-                                      vae_dtype)  # the decode stage's own estimate
+        untiled = recipe.decode_bytes(read_json(index.folder("vae") / "config.json"), size.num_frames or 1,
+                                      size.height, size.width, vae_dtype) * size.batch  # the decode stage's own
         calls = d.num_inference_steps * (2 if d.guidance in ("cfg", "true_cfg") else 1)
-        return cls(text_encoders=encoders, vae=vae, dit_other=other * size, dit_blocks=sum(blocks.values()) * size,
-                   dit_block_max=max(blocks.values(), default=0) * size, dit_lists=max(1, len(lists)),
-                   denoise_activations=tokens * hidden * size * ACTIVATION_FACTOR, decode_activations=min(untiled, TILED_DECODE_BYTES),
-                   model_calls=calls, decode_untiled=untiled)
+        return cls(text_encoders=encoders, vae=vae, dit_other=other * nbytes, dit_blocks=sum(blocks.values()) * nbytes,
+                   dit_block_max=max(blocks.values(), default=0) * nbytes, dit_lists=max(1, len(lists)),
+                   denoise_activations=tokens * hidden * nbytes * ACTIVATION_FACTOR,
+                   decode_activations=min(untiled, TILED_DECODE_BYTES), model_calls=calls, decode_untiled=untiled)
 
 
 @dataclass(frozen=True)
@@ -174,12 +203,16 @@ def resolve_offload(cfg: EngineConfig, index: ModelIndex) -> EngineConfig:
         budget = int(float(limit) * GIB)
     fp = Footprint.from_checkpoint(index, cfg)
     plan = choose_plan(fp, budget, cfg.offload)
+    from diffserve.pipelines.registry import defaults_from_configs
+
+    planned = planned_size(cfg.offload.plan_size, defaults_from_configs(index))
     if plan.fits:
-        log.info("--max-gpu-memory %s: %s", limit, plan.describe())
+        log.info("--max-gpu-memory %s, planned for %s: %s", limit, planned.describe(), plan.describe())
     else:
-        log.warning("--max-gpu-memory %s: no plan fits the estimate; offloading everything: %s", limit,
-                    plan.describe())
-    off = dataclasses.replace(cfg.offload, text_encoder=plan.text_encoder, vae=plan.vae, dit=plan.dit)
+        log.warning("--max-gpu-memory %s, planned for %s: no plan fits the estimate; offloading everything: %s",
+                    limit, planned.describe(), plan.describe())
+    off = dataclasses.replace(cfg.offload, text_encoder=plan.text_encoder, vae=plan.vae, dit=plan.dit,
+                              plan_size=planned)
     tiling = cfg.vae_tiling
     if tiling is None and not untiled_decode_fits(fp, plan, budget):
         tiling = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffserve.config import GenerationRequest, ModelDefaults
+from diffserve.config import GenerationRequest, ModelDefaults, PlanSize
 from diffserve.lora.spec import LoraSpec
 
 CANCEL_ALL = "*"
@@ -68,6 +68,7 @@ class WorkerConfig:
     vae_cpu_offload: bool = False
     dit_cpu_offload: bool = False
     max_gpu_memory: float | str | None = None
+    plan_size: PlanSize | None = None  # --plan-size
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,7 @@ def load_engine(cfg: WorkerConfig, events: EventPipe) -> object | None:
                                         loras=cfg.loras, lora_mode=cfg.lora_mode, vae_tiling=cfg.vae_tiling,
                                         text_encoder_cpu_offload=cfg.text_encoder_cpu_offload,
                                         vae_cpu_offload=cfg.vae_cpu_offload, dit_cpu_offload=cfg.dit_cpu_offload,
-                                        max_gpu_memory=cfg.max_gpu_memory)
+                                        max_gpu_memory=cfg.max_gpu_memory, plan_size=cfg.plan_size)
         try:
             _load_extra_loras(engine, cfg)
         except BaseException:
