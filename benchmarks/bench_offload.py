@@ -6,7 +6,9 @@ under a memory budget, beside diffusers' CPU offloads, on the same full-size ran
 
 Variants (one after the other in this process, memory freed between them):
   gpu         diffserve, everything on the GPU (the baseline)
-  budget      diffserve --max-gpu-memory BUDGET (the plan it picks is reported)
+  budget      diffserve --max-gpu-memory BUDGET, planned for the workload's size (--plan-size HxWxF, as
+              `generate` plans for its own requests; the plan it picks is reported)
+  budget-compile  the same with --compile (FlashAttention 3 on Hopper when installed); warmed up by one step
   model       diffusers enable_model_cpu_offload() (each model moved to the GPU whole when it runs)
   sequential  diffusers enable_sequential_cpu_offload() (every layer's weights moved per use; few steps: slow)
 diffusers' VAE decodes tiled (vae.enable_tiling()), as it would have to on a small card; diffserve tiles when
@@ -107,12 +109,14 @@ def _report(name: str, w: Workload, steps: int, clock: StepClock, total: float, 
 
 
 def run_diffserve(repo: Path, w: Workload, steps: int, budget: float | None,
-                  device: str = "cuda") -> tuple[dict[str, Any], np.ndarray]:
+                  device: str = "cuda", compile: bool = False) -> tuple[dict[str, Any], np.ndarray]:
     from diffserve import Engine
 
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(str(repo), dtype="bf16" if device == "cuda" else "fp32", device=device,
-                                    max_gpu_memory=budget)
+                                    max_gpu_memory=budget, compile=compile and device == "cuda",
+                                    plan_size=(w.height, w.width, *([w.num_frames] if w.num_frames else []))
+                                    if budget is not None else None)
     _sync()
     load_s = time.perf_counter() - t0
     params = request_params(w)
@@ -125,7 +129,7 @@ def run_diffserve(repo: Path, w: Workload, steps: int, budget: float | None,
         return decode(*a, **k)
 
     vae.decode = probe
-    if not w.num_frames:  # warm-up: one step (its decode too: an image decode is short)
+    if not w.num_frames or compile:  # warm-up: one step and its decode (compiles the blocks)
         engine.generate(w.prompt, num_inference_steps=1, progress=False, **params)
     resident = torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else 0.0
     clock = StepClock()
@@ -138,9 +142,10 @@ def run_diffserve(repo: Path, w: Workload, steps: int, budget: float | None,
     off = engine.config.offload
     extra = {"resident_gib": round(resident, 2), "vae_tiled": tiled[-1] if tiled else None,
              "offload": {"text_encoder": off.text_encoder, "vae": off.vae, "dit_share": off.dit},
-             "plan": engine.offloaded.describe(), "stages_s": {k: round(v, 2) for k, v in res.timings.items()}}
-    row = _report("diffserve" + (f" --max-gpu-memory {budget:g}" if budget is not None else " (all on GPU)"), w,
-                  steps, clock, total, load_s, extra)
+             "plan": engine.offloaded.describe(), "stages_s": {k: round(v, 2) for k, v in res.timings.items()},
+             "attention": engine.attention.backend, "plan_size": off.plan_size.describe() if off.plan_size else None}
+    name = "diffserve" + (f" --max-gpu-memory {budget:g}" if budget is not None else " (all on GPU)")
+    row = _report(name + (" --compile" if compile else ""), w, steps, clock, total, load_s, extra)
     out = np.asarray(res.images[0]) if res.images else res.videos[0]
     vae.decode = decode
     del engine, res
@@ -222,14 +227,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     outputs: dict[str, np.ndarray] = {}
     for variant in args.variants.split(","):
         try:
-            if variant in ("gpu", "budget"):
+            if variant in ("gpu", "budget", "budget-compile"):
                 row, outputs[variant] = run_diffserve(args.repo, w, args.steps,
-                                                      args.budget if variant == "budget" else None, args.device)
+                                                      args.budget if variant.startswith("budget") else None,
+                                                      args.device, compile=variant.endswith("compile"))
             elif variant in ("model", "sequential"):
                 row = run_diffusers(args.repo, w, args.sequential_steps if variant == "sequential" else args.steps,
                                     variant)
             else:
-                raise SystemExit(f"unknown variant {variant!r}: gpu, budget, model, sequential")
+                raise SystemExit(f"unknown variant {variant!r}: gpu, budget, budget-compile, model, sequential")
         except torch.OutOfMemoryError as e:
             row = {"variant": variant, "error": f"OutOfMemoryError: {str(e).splitlines()[0]}"}
             print(json.dumps(row), flush=True)

@@ -3,7 +3,8 @@
 # --max-gpu-memory 24 vs diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload, on full-size
 # random-weight repos (bf16), one H100 (nvidia-h100-x1), one device call per part (timeout_s 600 each):
 #   bash benchmarks/gpu/offload_run.sh flux            # FLUX.1-dev 1024x1024: all four variants (~5-6 min)
-#   bash benchmarks/gpu/offload_run.sh wan             # Wan2.1-T2V-14B 720x1280x81: diffserve gpu + budget (~8 min)
+#   bash benchmarks/gpu/offload_run.sh wan             # Wan2.1-T2V-14B 720x1280x81: diffserve gpu + budget (~8 min);
+#                                                      # VARIANTS=budget,budget-compile(,sequential) for the compiled run
 #   bash benchmarks/gpu/offload_run.sh wan-diffusers   # the same repo (same warm machine): diffusers model +
 #                                                      # sequential offload (~6 min)
 # VARIANTS=gpu,budget,model,sequential overrides a part's variants (e.g. to finish one a part ran out of time
