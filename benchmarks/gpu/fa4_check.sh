@@ -13,7 +13,8 @@ case ${1:?stage DIR|run} in
     for whl in $(ls *.part-* 2>/dev/null | sed 's/\.part-..$//' | sort -u); do cat "$whl".part-* > "$whl" && rm "$whl".part-*; done
     cd - > /dev/null
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/fa4-wheels/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+    # the cutlass DSL's packages are found through a .pth file, which --target installs do not process
+    export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PYTHONUNBUFFERED=1
     OUT=${OUT:-.}
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
     python3 -c "import flash_attn.cute, cutlass; print('flash_attn.cute', flash_attn.cute.__version__)" 2>&1 | tail -2
