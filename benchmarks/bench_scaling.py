@@ -5,7 +5,8 @@
     python benchmarks/bench_scaling.py --report F.json [--serve LABEL=SERVE.json ...] [--chart F.png]
         [--markdown F.md]
 
-A layout is "1" (one GPU) or a product of u<N> (Ulysses), r<N> (Ring), cfg2 (CFG parallel): e.g. "u8",
+A layout is "1" (one GPU) or a product of u<N> (Ulysses), r<N> (Ring), cfg2 (CFG parallel), optionally with
+"+compile" (regional torch.compile; the warm-up compiles): e.g. "u4+compile", "u8",
 "cfg2xu4", "u4xr2", "u2xr2xcfg2". Each layout starts its own worker processes, warms up on a short clip
 (5 frames; one step), times `--steps` steps of the full workload (per-step time and fixed costs; end to
 end extrapolated as fixed + the workload's step count x per step), and compares its output with the
@@ -54,9 +55,11 @@ Report = dict[str, list[Row]]
 
 
 def parse_layout(text: str):
-    """("1" or e.g. "cfg2xu4") -> (ParallelConfig or None for one GPU, number of GPUs)."""
+    """("1" or e.g. "cfg2xu4", either with "+compile" for a compiled engine) -> (ParallelConfig or None for one
+    GPU, number of GPUs)."""
     from diffserve.parallel import ParallelConfig
 
+    text = text.removesuffix("+compile")
     if text == "1":
         return None, 1
     u = r = 1
@@ -75,8 +78,10 @@ def parse_layout(text: str):
 
 
 def layout_label(text: str) -> str:
-    """"cfg2xu4" -> "CFG2 x U4" (the notation of BENCHMARKS.md)."""
-    return " x ".join(part.upper() for part in text.split("x")) if text != "1" else "1"
+    """"cfg2xu4" -> "CFG2 x U4" (the notation of BENCHMARKS.md); "u4+compile" -> "U4 --compile"."""
+    base = text.removesuffix("+compile")
+    label = " x ".join(part.upper() for part in base.split("x")) if base != "1" else "1"
+    return label + (" --compile" if base != text else "")
 
 
 def workload_label(name: str) -> str:
@@ -98,7 +103,8 @@ def run_layout(repo: Path, layout: str, w: Workload, steps: int, device: str = "
 
     parallel, n = parse_layout(layout)
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(str(repo), dtype=dtype, device=device, parallel=parallel)
+    engine = Engine.from_pretrained(str(repo), dtype=dtype, device=device, parallel=parallel,
+                                    compile=layout.endswith("+compile") and torch.device(device).type == "cuda")
     try:
         load_s = time.perf_counter() - t0
         params: dict[str, Any] = dict(height=w.height, width=w.width, guidance_scale=w.guidance, seed=0)
