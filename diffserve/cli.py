@@ -273,6 +273,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"kernels are cached in {compile_cache_dir()} for later runs", file=sys.stderr)
     print(f"model: {engine.pipeline_class} from {engine.model_root} ({str(engine.config.dtype).removeprefix('torch.')}, "
           f"{engine.config.device}, attention {engine.attention.backend})", file=sys.stderr)
+    off = engine.config.offload
+    if getattr(engine, "offloaded", None) is not None and (off.max_gpu_memory is not None or off.text_encoder
+                                                           or off.vae or off.dit):
+        budget = f" (--max-gpu-memory {off.max_gpu_memory}, planned for {off.plan_size.describe()})" \
+            if off.max_gpu_memory is not None and off.plan_size is not None else ""
+        print(f"offload{budget}: {engine.offloaded.describe()}", file=sys.stderr)
     written = 0
     for number, batch in enumerate(batches, start=1):
         bar = ProgressBar("denoising" if len(batches) == 1 else f"prompt {number}/{len(batches)}")

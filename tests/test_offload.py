@@ -424,6 +424,16 @@ def test_generate_plans_for_its_largest_batch(flux_repo, monkeypatch, tmp_path) 
     assert seen["plan_size"] == PlanSize(512, 512)
 
 
+def test_generate_prints_the_memory_plan(flux_repo, tmp_path, capsys) -> None:
+    from diffserve import cli
+
+    assert cli.main(["generate", "--model-path", str(flux_repo), "--prompt", "x", "--height", "64", "--width", "64",
+                     "--num-inference-steps", "1", "--device", "cpu", "--dtype", "fp32", "--max-gpu-memory", "64",
+                     "--dit-cpu-offload", "--output-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "offload (--max-gpu-memory 64.0, planned for 64x64): 2 blocks streamed" in err, err
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Flags and errors
 
