@@ -193,13 +193,13 @@ def _job_requests(where: str, fields: dict[str, object], index: ModelIndex,
 def _largest_batch(batches: list[list[GenerationRequest]]) -> PlanSize:
     """The run's batch with the most image/video tokens, as a memory-plan size."""
     from diffserve.config import PlanSize
-    from diffserve.engine.memory_plan import plan_tokens
+    from diffserve.engine.memory_plan import size_tokens
 
     def size(batch: list[GenerationRequest]) -> PlanSize:
         r = batch[0]  # one prompt's outputs share their size
         return PlanSize(int(r.height), int(r.width), r.num_frames, batch=len(batch))  # type: ignore[arg-type]
 
-    return max((size(b) for b in batches), key=lambda s: plan_tokens(s.height, s.width, s.num_frames) * s.batch)
+    return max((size(b) for b in batches), key=size_tokens)
 
 
 def _load_engine(args: argparse.Namespace, model_path: str,

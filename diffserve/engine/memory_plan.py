@@ -72,18 +72,21 @@ def planned_size(given: PlanSize | None, d: ModelDefaults) -> PlanSize:
     return dataclasses.replace(given, num_frames=frames)
 
 
+def size_tokens(size: PlanSize) -> int:
+    """Image/video tokens of a whole batch of `size`."""
+    return plan_tokens(size.height, size.width, size.num_frames) * size.batch
+
+
 def beyond_plan(planned: PlanSize, d: ModelDefaults, requests: list[GenerationRequest]) -> str | None:
     """A warning when a batch has more image/video tokens than the `--max-gpu-memory` plan was made for
     (its activations may not fit the budget); None when it fits the plan."""
-    def tokens(r: GenerationRequest) -> int:
-        return plan_tokens(r.height or d.height, r.width or d.width, r.num_frames or d.num_frames) * (r.num_outputs or 1)
-
-    if sum(tokens(r) for r in requests) <= plan_tokens(planned.height, planned.width, planned.num_frames) * planned.batch:
+    asked = [PlanSize(r.height or d.height, r.width or d.width, (r.num_frames or d.num_frames) if d.num_frames else None,
+                      batch=r.num_outputs or 1) for r in requests]
+    if sum(size_tokens(a) for a in asked) <= size_tokens(planned):
         return None
-    asked = ", ".join(f"{r.height or d.height}x{r.width or d.width}" + (f"x{r.num_frames or d.num_frames}" if d.num_frames else "")
-                      + (f" x {r.num_outputs}" if (r.num_outputs or 1) > 1 else "") for r in requests)
-    return (f"this batch ({asked}) is larger than the --max-gpu-memory plan's {planned.describe()}: its peak may "
-            f"exceed the budget; start with --plan-size for the largest request (plan_size= in Python)")
+    return (f"this batch ({', '.join(a.describe() for a in asked)}) is larger than the --max-gpu-memory plan's "
+            f"{planned.describe()}: its peak may exceed the budget; start with --plan-size for the largest "
+            "request (plan_size= in Python)")
 
 
 @dataclass(frozen=True)
