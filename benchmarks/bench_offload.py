@@ -25,7 +25,6 @@ count: fixed part (total - steps x per step) + full steps x per step.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -41,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_e2e import (
     WORKLOADS,
     Workload,
+    _free_memory,
+    _sync,
     build_benchmark_repo,
     diffusers_call_kwargs,
     family,
@@ -48,17 +49,6 @@ from benchmarks.bench_e2e import (
 )
 
 GIB = 2**30
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class StepClock:
@@ -149,7 +139,7 @@ def run_diffserve(repo: Path, w: Workload, steps: int, budget: float | None,
     out = np.asarray(res.images[0]) if res.images else res.videos[0]
     vae.decode = decode
     del engine, res
-    _free()
+    _free_memory()
     return row, out
 
 
@@ -188,7 +178,7 @@ def run_diffusers(repo: Path, w: Workload, steps: int, mode: str) -> dict[str, A
     row = _report(name, w, steps, clock, total, load_s, {"vae_tiled": True,
                                                          "warmup": mode == "model" and not w.num_frames})
     del pipe
-    _free()
+    _free_memory()
     return row
 
 
@@ -239,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         except torch.OutOfMemoryError as e:
             row = {"variant": variant, "error": f"OutOfMemoryError: {str(e).splitlines()[0]}"}
             print(json.dumps(row), flush=True)
-            _free()
+            _free_memory()
         rows = [r for r in rows if r["variant"] != row["variant"]] + [row]
         args.out.write_text(json.dumps(rows, indent=1))
     if "gpu" in outputs and "budget" in outputs:
