@@ -103,6 +103,7 @@ class Footprint:
     model_calls: int = 1  # DiT calls per generation (steps x CFG branches): how often streamed blocks move
     dit_lists: int = 1  # repeated block lists (each streams through its own slots)
     decode_untiled: int = 0  # the untiled decode's estimated peak
+    planned: PlanSize | None = None  # the batch the activations were sized for (from_checkpoint)
 
     @classmethod
     def from_checkpoint(cls, index: ModelIndex, cfg: EngineConfig) -> Footprint:
@@ -130,7 +131,8 @@ class Footprint:
         return cls(text_encoders=encoders, vae=vae, dit_other=other * nbytes, dit_blocks=sum(blocks.values()) * nbytes,
                    dit_block_max=max(blocks.values(), default=0) * nbytes, dit_lists=max(1, len(lists)),
                    denoise_activations=tokens * hidden * nbytes * ACTIVATION_FACTOR,
-                   decode_activations=min(untiled, TILED_DECODE_BYTES), model_calls=calls, decode_untiled=untiled)
+                   decode_activations=min(untiled, TILED_DECODE_BYTES), model_calls=calls, decode_untiled=untiled,
+                   planned=size)
 
 
 @dataclass(frozen=True)
@@ -206,9 +208,8 @@ def resolve_offload(cfg: EngineConfig, index: ModelIndex) -> EngineConfig:
         budget = int(float(limit) * GIB)
     fp = Footprint.from_checkpoint(index, cfg)
     plan = choose_plan(fp, budget, cfg.offload)
-    from diffserve.pipelines.registry import defaults_from_configs
-
-    planned = planned_size(cfg.offload.plan_size, defaults_from_configs(index))
+    planned = fp.planned
+    assert planned is not None  # from_checkpoint sets it
     if plan.fits:
         log.info("--max-gpu-memory %s, planned for %s: %s", limit, planned.describe(), plan.describe())
     else:
